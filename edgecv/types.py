@@ -1,0 +1,206 @@
+"""The few types every stage shares: Frame, Detections, Event.
+
+`Detections` is one columnar structure of parallel numpy arrays (in the spirit of
+supervision's ``Detections``): stages take it and return it, and there are no
+per-object Python objects on the hot path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+
+EVENT_SCHEMA = "edgecv.event/1"
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame of one camera."""
+
+    camera: str
+    index: int  # 1-based count of frames read from the source since it started
+    t_mono: float  # time.monotonic() at capture
+    t_wall: float  # time.time() at capture
+    image: np.ndarray  # BGR, H x W x 3, uint8
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return int(self.image.shape[1]), int(self.image.shape[0])
+
+
+class Detections:
+    """Parallel arrays describing N objects of one frame.
+
+    xyxy: float32 (N, 4) in source-image pixels; score: float32 (N,);
+    class_id: int32 (N,); track_id: int64 (N,) or None; mask: bool (N, H, W) or None;
+    data: extra per-object arrays of length N; metadata: free-form (camera, frame time...).
+    """
+
+    __slots__ = ("xyxy", "score", "class_id", "track_id", "mask", "data", "metadata")
+
+    def __init__(
+        self,
+        xyxy: np.ndarray,
+        score: np.ndarray,
+        class_id: np.ndarray,
+        track_id: Optional[np.ndarray] = None,
+        mask: Optional[np.ndarray] = None,
+        data: Optional[dict[str, np.ndarray]] = None,
+        metadata: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.xyxy = np.asarray(xyxy, dtype=np.float32).reshape(-1, 4)
+        n = len(self.xyxy)
+        self.score = np.asarray(score, dtype=np.float32).reshape(-1)
+        self.class_id = np.asarray(class_id, dtype=np.int32).reshape(-1)
+        self.track_id = None if track_id is None else np.asarray(track_id, dtype=np.int64).reshape(-1)
+        self.mask = None if mask is None else np.asarray(mask, dtype=bool)
+        self.data = {k: np.asarray(v) for k, v in (data or {}).items()}
+        self.metadata = dict(metadata or {})
+        for name, arr in (("score", self.score), ("class_id", self.class_id), ("track_id", self.track_id)):
+            if arr is not None and len(arr) != n:
+                raise ValueError(f"Detections.{name}: expected length {n}, got {len(arr)}")
+        if self.mask is not None and (self.mask.ndim != 3 or len(self.mask) != n):
+            raise ValueError(f"Detections.mask: expected shape ({n}, H, W), got {self.mask.shape}")
+        for k, v in self.data.items():
+            if len(v) != n:
+                raise ValueError(f"Detections.data[{k!r}]: expected length {n}, got {len(v)}")
+
+    @classmethod
+    def empty(cls, with_track_id: bool = False, metadata: Optional[dict[str, Any]] = None) -> "Detections":
+        return cls(
+            np.zeros((0, 4), np.float32),
+            np.zeros(0, np.float32),
+            np.zeros(0, np.int32),
+            track_id=np.zeros(0, np.int64) if with_track_id else None,
+            metadata=metadata,
+        )
+
+    def __len__(self) -> int:
+        return len(self.xyxy)
+
+    def __getitem__(self, index: Any) -> "Detections":
+        """Select by boolean mask, integer array or slice; returns a new Detections."""
+        if isinstance(index, (int, np.integer)):
+            index = [int(index)]
+        return Detections(
+            self.xyxy[index],
+            self.score[index],
+            self.class_id[index],
+            track_id=None if self.track_id is None else self.track_id[index],
+            mask=None if self.mask is None else self.mask[index],
+            data={k: v[index] for k, v in self.data.items()},
+            metadata=self.metadata,
+        )
+
+    @classmethod
+    def merge(cls, parts: Iterable["Detections"]) -> "Detections":
+        parts = [p for p in parts]
+        if not parts:
+            return cls.empty()
+        has_tid = all(p.track_id is not None for p in parts)
+        has_mask = all(p.mask is not None for p in parts)
+        keys = set.intersection(*(set(p.data) for p in parts)) if parts else set()
+        return cls(
+            np.concatenate([p.xyxy for p in parts]),
+            np.concatenate([p.score for p in parts]),
+            np.concatenate([p.class_id for p in parts]),
+            track_id=np.concatenate([p.track_id for p in parts]) if has_tid else None,
+            mask=np.concatenate([p.mask for p in parts]) if has_mask else None,
+            data={k: np.concatenate([p.data[k] for p in parts]) for k in keys},
+            metadata=parts[0].metadata,
+        )
+
+    def anchors(self, anchor: str = "bottom_center") -> np.ndarray:
+        """(N, 2) float32 points of each box: bottom_center, center, top_center, ..."""
+        return box_anchors(self.xyxy, anchor)
+
+    def __repr__(self) -> str:
+        return f"Detections(n={len(self)}, track_id={'yes' if self.track_id is not None else 'no'})"
+
+
+ANCHORS = ("bottom_center", "center", "top_center", "bottom_left", "bottom_right", "top_left", "top_right")
+
+
+def box_anchors(xyxy: np.ndarray, anchor: str = "bottom_center") -> np.ndarray:
+    x1, y1, x2, y2 = (xyxy[:, i] for i in range(4))
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    table = {
+        "bottom_center": (cx, y2),
+        "center": (cx, cy),
+        "top_center": (cx, y1),
+        "bottom_left": (x1, y2),
+        "bottom_right": (x2, y2),
+        "top_left": (x1, y1),
+        "top_right": (x2, y1),
+    }
+    if anchor not in table:
+        raise ValueError(f"anchor: expected one of {', '.join(ANCHORS)}, got {anchor!r}")
+    x, y = table[anchor]
+    return np.stack([x, y], axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    track_id: int
+    label: str
+    class_id: int
+    score: float
+    bbox: tuple[float, float, float, float]
+    frame_size: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "track_id": int(self.track_id),
+            "label": self.label,
+            "class_id": int(self.class_id),
+            "score": round(float(self.score), 4),
+            "bbox": [round(float(v), 1) for v in self.bbox],
+            "frame_size": [int(self.frame_size[0]), int(self.frame_size[1])],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One analytics event. Serializes to the `edgecv.event/1` MQTT payload."""
+
+    type: str
+    node: str
+    camera: str
+    frame: int
+    captured_at: float  # wall clock of the frame's capture
+    object: Optional[ObjectInfo] = None
+    fields: Mapping[str, Any] = field(default_factory=dict)  # rule fields: zone, line, direction, ttc_s...
+    epoch: str = ""  # identifies the stream run; part of the deterministic id
+    rule: str = ""  # rule name (zone/line name) for the id
+
+    @property
+    def id(self) -> str:
+        """Deterministic id: the same event of the same stream run always gets the same id."""
+        tid = self.object.track_id if self.object is not None else -1
+        key = "|".join(
+            [self.epoch, self.node, self.camera, self.type, str(self.frame), str(tid), self.rule,
+             json.dumps(dict(self.fields), sort_keys=True, default=str)]
+        )
+        return hashlib.sha1(key.encode()).hexdigest()[:24]
+
+    def to_payload(self, published_at: float) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "schema": EVENT_SCHEMA,
+            "id": self.id,
+            "type": self.type,
+            "node": self.node,
+            "camera": self.camera,
+            "frame": int(self.frame),
+            "captured_at": round(self.captured_at, 3),
+            "published_at": round(published_at, 3),
+            "latency_ms": round(max(0.0, (published_at - self.captured_at) * 1000.0), 1),
+        }
+        if self.object is not None:
+            payload["object"] = self.object.to_dict()
+        for k, v in self.fields.items():
+            payload[k] = v
+        return payload
