@@ -1,0 +1,403 @@
+"""YAML configuration: load, ``${ENV}`` interpolation, validation into typed objects.
+
+Every problem is reported as one line naming the field path, e.g.
+``cameras.gate.zones.door.polygon: needs at least 3 points, got 2``.
+Unknown keys are errors (a typo must not pass silently).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import assets
+from .types import ANCHORS
+
+NAME_RE = r"^[A-Za-z0-9_-]{1,64}$"
+SECRET_KEYS = ("password", "username", "secret", "token")
+
+
+class ConfigError(Exception):
+    """One or more configuration problems, each a single line naming the field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+Point = tuple[float, float]
+
+
+def _check_points(points: list[Point], minimum: int, exact: bool = False) -> list[Point]:
+    n = len(points)
+    if exact and n != minimum:
+        raise ValueError(f"needs exactly {minimum} points, got {n}")
+    if n < minimum:
+        raise ValueError(f"needs at least {minimum} points, got {n}")
+    for x, y in points:
+        if x < 0 or y < 0:
+            raise ValueError(f"coordinates must be >= 0 (source pixels), got [{x:g}, {y:g}]")
+    return points
+
+
+class _RuleBase(_Model):
+    anchor: Literal[ANCHORS] = Field("bottom_center", description="Point of the box tested against the geometry")  # type: ignore[valid-type]
+    classes: Optional[list[str]] = Field(None, min_length=1, description="Only these labels (default: all)")
+    min_frames: int = Field(3, ge=1, le=1000, description="Frames the new state must hold before an event (debounce)")
+    cooldown_s: float = Field(0.0, ge=0, description="Minimum seconds between two events of this rule for one track")
+
+
+class ZoneConfig(_RuleBase):
+    polygon: list[Point] = Field(description="Polygon vertices in source pixels, at least 3")
+    loiter_s: Optional[float] = Field(None, gt=0, description="Emit zone.loiter once a track stays this long")
+    exit_on_lost: bool = Field(True, description="Emit zone.exit when a track inside the zone is removed")
+
+    @field_validator("polygon")
+    @classmethod
+    def _poly(cls, v: list[Point]) -> list[Point]:
+        return _check_points(v, 3)
+
+
+class LineConfig(_RuleBase):
+    points: list[Point] = Field(description="Two points [[x1, y1], [x2, y2]] in source pixels")
+
+    @field_validator("points")
+    @classmethod
+    def _pts(cls, v: list[Point]) -> list[Point]:
+        _check_points(v, 2, exact=True)
+        if v[0] == v[1]:
+            raise ValueError("the two points must differ")
+        return v
+
+
+class ObjectEventsConfig(_Model):
+    new: bool = Field(True, description="Emit object.new when a track is confirmed")
+    lost: bool = Field(True, description="Emit object.lost when a confirmed track is removed")
+    classes: Optional[list[str]] = Field(None, min_length=1)
+
+
+class ReconnectConfig(_Model):
+    initial_s: float = Field(0.5, gt=0, le=600)
+    max_s: float = Field(30.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _order(self) -> "ReconnectConfig":
+        if self.max_s < self.initial_s:
+            raise ValueError(f"max_s ({self.max_s:g}) must be >= initial_s ({self.initial_s:g})")
+        return self
+
+
+SourceType = Literal["auto", "file", "rtsp", "stream", "v4l2", "gstreamer"]
+
+
+class CameraConfig(_Model):
+    source: Union[str, int] = Field(description="File path, rtsp:// URL, /dev/videoN or index, or GStreamer pipeline")
+    type: SourceType = "auto"
+    realtime: bool = Field(True, description="Files: play at their own frame rate (false: as fast as possible, no drops)")
+    loop: bool = Field(False, description="Files: start again at the end")
+    max_fps: Optional[float] = Field(None, gt=0, le=1000, description="Process at most this many frames per second")
+    open_timeout_s: float = Field(10.0, gt=0, le=600)
+    read_timeout_s: float = Field(10.0, gt=0, le=600)
+    stall_timeout_s: float = Field(10.0, gt=0, le=3600, description="No frame for this long: stalled, reconnect")
+    reconnect: ReconnectConfig = ReconnectConfig()
+    zones: dict[str, ZoneConfig] = Field(default_factory=dict)
+    lines: dict[str, LineConfig] = Field(default_factory=dict)
+    objects: ObjectEventsConfig = ObjectEventsConfig()
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: Union[str, int]) -> Union[str, int]:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must not be empty")
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"device index must be >= 0, got {v}")
+        return v
+
+    @property
+    def kind(self) -> str:
+        """The source type, inferred from `source` when `type` is auto."""
+        if self.type != "auto":
+            return self.type
+        s = self.source
+        if isinstance(s, int) or (isinstance(s, str) and (s.isdigit() or s.startswith("/dev/video"))):
+            return "v4l2"
+        low = s.lower()
+        if low.startswith(("rtsp://", "rtsps://")):
+            return "rtsp"
+        if low.startswith(("http://", "https://", "rtmp://", "udp://", "tcp://", "srt://")):
+            return "stream"
+        if "!" in s:
+            return "gstreamer"
+        return "file"
+
+
+class TLSConfig(_Model):
+    ca_file: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    insecure: bool = Field(False, description="Skip hostname verification (testing only)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TLSConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (client certificate)")
+        return self
+
+
+class SpoolConfig(_Model):
+    path: Optional[str] = Field(None, description="Folder of the on-disk event spool (default: user state dir)")
+    max_mb: float = Field(256, gt=0, le=1_000_000)
+
+
+class MqttConfig(_Model):
+    enabled: bool = True
+    host: str = Field("localhost", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: Optional[str] = Field(None, min_length=1, max_length=128)
+    username: Optional[str] = None
+    password: Optional[str] = None
+    qos: int = Field(1, ge=0, le=2)
+    topic_prefix: str = Field("edgecv", min_length=1)
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    tls: Optional[TLSConfig] = None
+    publish_tracks: bool = Field(False, description="Publish per-frame track lists (QoS 0, rate-limited)")
+    tracks_max_hz: float = Field(2.0, gt=0, le=100)
+    stats_interval_s: float = Field(10.0, gt=0, le=3600)
+    spool: SpoolConfig = SpoolConfig()
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if any(c in v for c in "+#\0") or v.startswith("/") or v.endswith("/"):
+            raise ValueError(f"must not contain + or # or start/end with '/', got {v!r}")
+        return v
+
+
+class ModelConfig(_Model):
+    path: str = Field(description="ONNX model (or TensorRT engine); relative paths also searched in EDGECV_ASSETS")
+    family: Literal["auto", "yolox", "yolov8"] = "auto"
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    conf: float = Field(0.35, ge=0, le=1, description="Confidence threshold")
+    iou: float = Field(0.5, ge=0, le=1, description="NMS IoU threshold")
+    classes: Optional[list[str]] = Field(None, min_length=1, description="Keep only these labels")
+    labels: Optional[str] = Field(None, description="Labels file, one name per line (overrides the model's names)")
+    threads: Optional[int] = Field(None, ge=1, le=256, description="CPU inference threads (default: runtime's choice)")
+
+
+class TrackerSection(_Model):
+    track_thresh: float = Field(0.5, ge=0, le=1)
+    low_thresh: float = Field(0.1, ge=0, le=1)
+    new_track_thresh: float = Field(0.6, ge=0, le=1)
+    match_thresh: float = Field(0.8, gt=0, le=1)
+    min_hits: int = Field(3, ge=1, le=100)
+    lost_buffer_s: float = Field(3.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _order(self) -> "TrackerSection":
+        if self.low_thresh > self.track_thresh:
+            raise ValueError(f"low_thresh ({self.low_thresh:g}) must be <= track_thresh ({self.track_thresh:g})")
+        return self
+
+
+class ConsoleConfig(_Model):
+    enabled: bool = True
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Model):
+    node_id: str = Field(pattern=NAME_RE, description="This node's id in MQTT topics and events")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    mqtt: MqttConfig = MqttConfig()
+    console: ConsoleConfig = ConsoleConfig()
+    model: ModelConfig
+    tracker: TrackerSection = TrackerSection()
+    cameras: dict[str, CameraConfig] = Field(min_length=1)
+    # where the file was loaded from (for resolving relative paths); not a YAML key
+    base_dir: Optional[str] = Field(None, exclude=True)
+
+    @field_validator("cameras")
+    @classmethod
+    def _names(cls, v: dict[str, CameraConfig]) -> dict[str, CameraConfig]:
+        for name, cam in v.items():
+            if not re.match(NAME_RE, name):
+                raise ValueError(f"camera name {name!r} may only use letters, digits, '_' and '-'")
+            for kind, rules in (("zones", cam.zones), ("lines", cam.lines)):
+                for rname in rules:
+                    if not re.match(NAME_RE, rname):
+                        raise ValueError(f"{name}.{kind}: name {rname!r} may only use letters, digits, '_' and '-'")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, path: str, problems: list[str]) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string; unset variables are problems."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+        def sub(m: re.Match) -> str:
+            val = os.environ.get(m.group(1))
+            if val is None:
+                if m.group(2) is not None:
+                    return m.group(2)
+                problems.append(f"{path}: environment variable {m.group(1)} is not set")
+                return ""
+            return val
+
+        return _ENV_RE.sub(sub, node)
+    return node
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith(("function-", "union[")):
+            continue
+        elif str(part) in ("int", "str") and out.endswith(".source"):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at the location of an unknown key (for 'did you mean')."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if isinstance(cur, type) and issubclass(cur, BaseModel):
+            field = cur.model_fields.get(str(part))
+            if field is None:
+                continue  # a key of a dict-valued field (a camera or zone name)
+            cur = _unwrap(field.annotation)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return []
+
+
+def _unwrap(ann: Any) -> Any:
+    """Optional[X] -> X, dict[str, X] -> X, list[X] -> X."""
+    args = getattr(ann, "__args__", None)
+    if not args:
+        return ann
+    for a in reversed(args):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return args[-1]
+
+
+def _format_error(err: dict, root: type[BaseModel]) -> str:
+    loc = err.get("loc", ())
+    path = _loc(loc) or "(top level)"
+    typ = err.get("type", "")
+    msg = str(err.get("msg", "invalid"))
+    if typ == "extra_forbidden":
+        key = str(loc[-1]) if loc else "?"
+        known = _known_keys(root, loc)
+        hint = difflib.get_close_matches(key, known, n=1)
+        extra = f" (did you mean '{hint[0]}'?)" if hint else (f" (valid keys: {', '.join(known)})" if known else "")
+        return f"{path}: unknown key{extra}"
+    if typ == "missing":
+        return f"{path}: required field is missing"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    elif msg.startswith("Assertion failed, "):
+        msg = msg[len("Assertion failed, "):]
+    secret = any(s in path.lower() for s in SECRET_KEYS)
+    if "input" in err and not secret and typ not in ("value_error",) and not isinstance(err["input"], (dict, list)):
+        shown = repr(err["input"])
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        msg = f"{msg} (got {shown})"
+    return f"{path}: {msg}"
+
+
+def parse(data: Any, source: str = "config", base_dir: Optional[Path] = None) -> Config:
+    """Validate an already-loaded YAML tree. Raises ConfigError with one line per problem."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: expected a mapping of settings at the top level, got {type(data).__name__}"])
+    problems: list[str] = []
+    data = _interpolate(data, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        cfg = Config.model_validate({**data, "base_dir": str(base_dir) if base_dir else None})
+    except ValidationError as e:
+        lines: list[str] = []
+        for err in e.errors(include_url=False):
+            line = _format_error(err, Config)
+            if line not in lines:
+                lines.append(line)
+        raise ConfigError(lines) from None
+    problems.extend(check_files(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Read, interpolate and validate a YAML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: config file not found"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{p}: cannot read config file: {getattr(e, 'strerror', None) or e}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    if data is None:
+        raise ConfigError([f"{p}: config file is empty"])
+    return parse(data, source=str(p), base_dir=p.resolve().parent)
+
+
+def resolve_path(cfg: Config, value: str) -> Optional[Path]:
+    return assets.resolve(value, Path(cfg.base_dir) if cfg.base_dir else None)
+
+
+def check_files(cfg: Config) -> list[str]:
+    """Files the config names must exist: model, labels, TLS files, file sources."""
+    problems: list[str] = []
+    roots = ", ".join(str(r) for r in assets.asset_roots())
+    if resolve_path(cfg, cfg.model.path) is None:
+        problems.append(f"model.path: file not found: {cfg.model.path} (also searched {roots})")
+    if cfg.model.labels and resolve_path(cfg, cfg.model.labels) is None:
+        problems.append(f"model.labels: file not found: {cfg.model.labels}")
+    if cfg.mqtt.tls:
+        for name in ("ca_file", "cert_file", "key_file"):
+            val = getattr(cfg.mqtt.tls, name)
+            if val and resolve_path(cfg, val) is None:
+                problems.append(f"mqtt.tls.{name}: file not found: {val}")
+    for cam_name, cam in cfg.cameras.items():
+        if cam.kind == "file" and resolve_path(cfg, str(cam.source)) is None:
+            problems.append(f"cameras.{cam_name}.source: file not found: {cam.source} (also searched {roots})")
+    return problems
+
+
+def redact(text: str) -> str:
+    """Hide credentials in URLs (rtsp://user:pass@host -> rtsp://user:***@host)."""
+    return re.sub(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):[^@/\s]*@", r"\1:***@", str(text))

@@ -1,0 +1,291 @@
+"""Video sources: one capture thread each, a one-slot newest-frame buffer, reconnects, a watchdog.
+
+A `Source` owns its thread. Live sources (RTSP, V4L2, GStreamer, files in replay mode) keep only
+the newest frame: when the consumer is slower, older frames are replaced and counted as dropped,
+so latency never builds up. Offline file sources (`realtime: false`) block instead, so every
+frame is processed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import cv2
+import numpy as np
+
+from ..config import CameraConfig, redact
+from ..types import Frame
+
+log = logging.getLogger("edgecv.source")
+
+STATES = ("connecting", "streaming", "stalled", "stopped", "failed")
+
+
+class FrameSlot:
+    """A one-slot buffer holding the newest frame.
+
+    `put` in drop mode replaces an unread frame (counted as dropped); in block mode it waits until
+    the consumer took the previous frame (or the stop event is set).
+    """
+
+    def __init__(self, block: bool) -> None:
+        self._block = block
+        self._frame: Any = None
+        self._cond = threading.Condition()
+        self.dropped = 0
+        self.closed = False
+
+    def put(self, frame: Any, stop: threading.Event) -> bool:
+        with self._cond:
+            if self._block:
+                while self._frame is not None and not stop.is_set():
+                    self._cond.wait(0.1)
+                if stop.is_set():
+                    return False
+            elif self._frame is not None:
+                self.dropped += 1
+            self._frame = frame
+            self._cond.notify_all()
+            return True
+
+    def take(self) -> Any:
+        """The newest frame, or None when there is none (never blocks)."""
+        with self._cond:
+            f, self._frame = self._frame, None
+            if f is not None:
+                self._cond.notify_all()
+            return f
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until a frame is ready or the slot is closed."""
+        with self._cond:
+            if self._frame is None and not self.closed:
+                self._cond.wait(timeout)
+            return self._frame is not None
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    @property
+    def ready(self) -> bool:
+        return self._frame is not None
+
+
+@dataclass
+class SourceStats:
+    read: int = 0
+    dropped: int = 0
+    skipped: int = 0  # frames discarded by max_fps throttling
+    reconnects: int = 0
+
+
+class OpenError(Exception):
+    """The source could not be opened (one line, credentials redacted).
+
+    `fatal`: retrying cannot help (e.g. the OpenCV build lacks the backend), so the source fails.
+    """
+
+    def __init__(self, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+class Source:
+    """Capture thread for one camera. Subclasses implement `_open` (and may override `_read`)."""
+
+    live = True  # reconnect forever on failure; files override
+
+    def __init__(self, name: str, cfg: CameraConfig, location: str,
+                 on_state: Optional[Callable[[str, str, str], None]] = None) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.location = location
+        self.display = redact(location)
+        self.slot = FrameSlot(block=self._blocking())
+        self.stats = SourceStats()
+        self.state = "stopped"
+        self.reason = ""
+        self.fps: float = 0.0
+        self.frame_size: Optional[tuple[int, int]] = None
+        self._on_state = on_state
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._cap: Optional[cv2.VideoCapture] = None
+        self._last_frame_mono = 0.0
+        self._next_index = 1
+        self._reconnect_request = threading.Event()
+        # set by the pipeline: turns a Frame into what the consumer wants (e.g. model input made on this
+        # thread), and an event set whenever a new item is in the slot
+        self.prepare: Optional[Callable[[Frame], Any]] = None
+        self.notify: Optional[threading.Event] = None
+        self.backoff_history: list[float] = []  # delays slept before reconnects (bounded)
+
+    # ---- lifecycle
+    def _blocking(self) -> bool:
+        return False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"capture-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float = 5.0) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def finished(self) -> bool:
+        """The thread has ended (end of file, failed, or stopped) and no frame is waiting."""
+        return self._thread is not None and not self._thread.is_alive() and not self.slot.ready
+
+    def _set_state(self, state: str, reason: str = "") -> None:
+        if state == self.state and reason == self.reason:
+            return
+        self.state, self.reason = state, reason
+        msg = f"camera {self.name}: {state}" + (f" ({reason})" if reason else "")
+        (log.warning if state in ("stalled", "failed") else log.info)(msg)
+        if self._on_state:
+            self._on_state(self.name, state, reason)
+
+    # ---- watchdog (called from the pipeline's monitor thread)
+    def check_stall(self, now: Optional[float] = None) -> bool:
+        """Mark a streaming source stalled when no frame arrived for stall_timeout_s; ask it to reconnect."""
+        now = time.monotonic() if now is None else now
+        if self.state == "streaming" and now - self._last_frame_mono > self.cfg.stall_timeout_s:
+            self._set_state("stalled", f"no frame for {now - self._last_frame_mono:.1f}s")
+            self._reconnect_request.set()
+            return True
+        return False
+
+    # ---- the capture loop
+    def _open(self) -> cv2.VideoCapture:
+        raise NotImplementedError
+
+    def _read(self, cap: cv2.VideoCapture) -> Optional[np.ndarray]:
+        ok, img = cap.read()
+        return img if ok and img is not None and img.size else None
+
+    def _release(self) -> None:
+        if self._cap is not None:
+            try:
+                self._cap.release()
+            except cv2.error:
+                pass
+            self._cap = None
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep unless stopped; True when stopped."""
+        return self._stop.wait(seconds)
+
+    def _run(self) -> None:
+        delay = self.cfg.reconnect.initial_s
+        try:
+            while not self._stop.is_set():
+                self._set_state("connecting", self.reason if self.state in ("stalled", "connecting") else "")
+                try:
+                    self._cap = self._open()
+                except OpenError as e:
+                    if not self.live or e.fatal:
+                        self._set_state("failed", str(e))
+                        return
+                    self._set_state("connecting", f"{e}; retry in {delay:.1f}s")
+                    self.backoff_history = (self.backoff_history + [delay])[-64:]
+                    if self._sleep(delay * random.uniform(0.9, 1.1)):
+                        break
+                    delay = min(delay * 2, self.cfg.reconnect.max_s)
+                    continue
+                fps = self._cap.get(cv2.CAP_PROP_FPS)
+                self.fps = float(fps) if fps and 0 < fps < 1000 else 0.0
+                outcome = self._stream()
+                self._release()
+                if outcome == "stop":
+                    break
+                if outcome == "eof":
+                    if self.cfg.loop and self.stats.read > 0:
+                        continue
+                    self._set_state("stopped", "end of file")
+                    return
+                if outcome == "fail":
+                    return
+                # "lost": reconnect with backoff
+                self.stats.reconnects += 1
+                if self.state == "streaming":
+                    delay = self.cfg.reconnect.initial_s
+                if self._sleep(min(delay, self.cfg.reconnect.max_s)):
+                    break
+                self.backoff_history = (self.backoff_history + [delay])[-64:]
+                delay = min(delay * 2, self.cfg.reconnect.max_s)
+            self._set_state("stopped", "shutdown")
+        except Exception as e:  # a capture thread must never die silently
+            log.exception("camera %s: capture thread crashed", self.name)
+            self._set_state("failed", f"capture error: {type(e).__name__}: {e}")
+        finally:
+            self._release()
+            self.slot.close()
+
+    def _stream(self) -> str:
+        """Read frames until end/stall/stop. Returns 'eof', 'lost', 'stop' or 'fail'."""
+        assert self._cap is not None
+        min_dt = 1.0 / self.cfg.max_fps if self.cfg.max_fps else 0.0
+        pace = self._pace()
+        t0 = time.monotonic()
+        n0 = 0
+        last_emit = -1e9
+        self._last_frame_mono = time.monotonic()
+        self._reconnect_request.clear()
+        while not self._stop.is_set():
+            img = self._read(self._cap)
+            now = time.monotonic()
+            if img is None:
+                return self._on_read_failure()
+            if self._reconnect_request.is_set():
+                return "lost"
+            if self.state != "streaming":
+                h, w = img.shape[:2]
+                self.frame_size = (w, h)
+                self._set_state("streaming", f"{w}x{h}" + (f" @ {self.fps:.1f} fps" if self.fps else ""))
+            index = self._next_index
+            self._next_index += 1
+            self.stats.read += 1
+            self._last_frame_mono = now
+            if pace > 0:  # replay a file at its own frame rate
+                n0 += 1
+                due = t0 + n0 / pace
+                if due > now and self._sleep(due - now):
+                    return "stop"
+                now = time.monotonic()
+            if min_dt and now - last_emit < min_dt * 0.999:
+                self.stats.skipped += 1
+                continue
+            last_emit = now
+            frame = Frame(self.name, index, now, time.time(), img)
+            item = self.prepare(frame) if self.prepare is not None else frame
+            if not self.slot.put(item, self._stop):
+                return "stop"
+            if self.notify is not None:
+                self.notify.set()
+            self.stats.dropped = self.slot.dropped
+        return "stop"
+
+    def _pace(self) -> float:
+        """Frames per second to replay at (0: as fast as the source delivers)."""
+        return 0.0
+
+    def _on_read_failure(self) -> str:
+        self._set_state("stalled", "read failed or stream ended")
+        return "lost"
+
+
+def ffmpeg_capture_options(transport_tcp: bool) -> None:
+    """OpenCV's FFmpeg backend reads its demuxer options from this variable when opening."""
+    if transport_tcp and "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in os.environ:
+        os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "rtsp_transport;tcp"

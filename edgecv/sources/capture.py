@@ -1,0 +1,117 @@
+"""Concrete sources: video files, RTSP/network streams (FFmpeg), V4L2 devices, GStreamer pipelines."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+import cv2
+
+from ..config import CameraConfig
+from .base import OpenError, Source, ffmpeg_capture_options
+
+
+def _open_capture(location, api: int, params: Optional[list[int]] = None) -> cv2.VideoCapture:
+    cap = cv2.VideoCapture(location, api, params or [])
+    if not cap.isOpened():
+        cap.release()
+        return None
+    return cap
+
+
+class FileSource(Source):
+    """A video file: replayed at its own frame rate (`realtime: true`) or as fast as possible (no drops)."""
+
+    live = False
+
+    def _blocking(self) -> bool:
+        return not self.cfg.realtime
+
+    def _open(self) -> cv2.VideoCapture:
+        path = Path(self.location)
+        if not path.is_file():
+            raise OpenError(f"video file not found: {path}")
+        cap = _open_capture(str(path), cv2.CAP_FFMPEG)
+        if cap is None:
+            raise OpenError(f"cannot open video file {path}: not a video or unsupported format")
+        return cap
+
+    def _pace(self) -> float:
+        if not self.cfg.realtime:
+            return 0.0
+        return self.fps or 25.0
+
+    def _on_read_failure(self) -> str:
+        if self.stats.read == 0:
+            self._set_state("failed", f"no decodable video frames in {self.location}")
+            return "fail"
+        return "eof"
+
+
+class RtspSource(Source):
+    """RTSP over TCP through FFmpeg, with open and read timeouts."""
+
+    def _open(self) -> cv2.VideoCapture:
+        ffmpeg_capture_options(transport_tcp=True)
+        params = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.cfg.open_timeout_s * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.cfg.read_timeout_s * 1000),
+        ]
+        cap = _open_capture(self.location, cv2.CAP_FFMPEG, params)
+        if cap is None:
+            raise OpenError(f"cannot open {self.display}")
+        return cap
+
+
+class StreamSource(RtspSource):
+    """Other network streams FFmpeg understands (HTTP/MJPEG, RTMP, UDP, SRT)."""
+
+
+class V4l2Source(Source):
+    """A local camera through Video4Linux2 (/dev/videoN or an index)."""
+
+    def _open(self) -> cv2.VideoCapture:
+        loc = self.location
+        m = re.fullmatch(r"(?:/dev/video)?(\d+)", str(loc))
+        target = int(m.group(1)) if m else loc
+        cap = _open_capture(target, cv2.CAP_V4L2)
+        if cap is None:
+            raise OpenError(f"cannot open V4L2 device {loc}")
+        return cap
+
+
+def gstreamer_available() -> bool:
+    info = cv2.getBuildInformation()
+    m = re.search(r"GStreamer:\s*(\S+)", info)
+    return bool(m and m.group(1).upper().startswith("YES"))
+
+
+class GStreamerSource(Source):
+    """A GStreamer pipeline string ending in appsink (Jetson CSI `nvarguscamerasrc`, hardware decode)."""
+
+    def _open(self) -> cv2.VideoCapture:
+        if not gstreamer_available():
+            raise OpenError(
+                "this OpenCV build has no GStreamer support; install an OpenCV built with GStreamer "
+                "(JetPack's python3-opencv) or use an rtsp:// or file source",
+                fatal=True,
+            )
+        pipeline = self.location if "appsink" in self.location else f"{self.location} ! appsink drop=true max-buffers=1"
+        cap = _open_capture(pipeline, cv2.CAP_GSTREAMER)
+        if cap is None:
+            raise OpenError(f"GStreamer pipeline did not start: {self.display}")
+        return cap
+
+
+SOURCE_TYPES: dict[str, type[Source]] = {
+    "file": FileSource,
+    "rtsp": RtspSource,
+    "stream": StreamSource,
+    "v4l2": V4l2Source,
+    "gstreamer": GStreamerSource,
+}
+
+
+def make_source(name: str, cfg: CameraConfig, location: str,
+                on_state: Optional[Callable[[str, str, str], None]] = None) -> Source:
+    return SOURCE_TYPES[cfg.kind](name, cfg, location, on_state)
