@@ -296,7 +296,7 @@ def test_each_tracker_instance_counts_ids_from_one_and_reset_restarts() -> None:
 
 
 def test_lifecycle_events() -> None:
-    config = TrackerConfig(lost_buffer_s=0.5, frame_rate=10.0)  # 5 frames
+    config = TrackerConfig(lost_buffer_s=0.5, frame_rate=10.0, confirm_first_frame=False)  # 5 frames
     walker = Target(gt=0, start=(100.0, 200.0), velocity=(3.0, 1.0), class_id=4, frames=range(10))
     tracker = ByteTracker(config)
     trace = run(tracker, [walker], 20)
@@ -358,12 +358,23 @@ def test_tentative_tracks_are_never_returned() -> None:
     blip = Target(gt=0, start=(100.0, 100.0), frames=range(0, 2))
     flicker = Target(gt=1, start=(400.0, 100.0), frames=range(0, 30, 2))
     real = Target(gt=2, start=(700.0, 100.0), frames=range(10, 30))
-    tracker = ByteTracker()
+    tracker = ByteTracker(TrackerConfig(confirm_first_frame=False))
     trace = run(tracker, [blip, flicker, real], 30)
     reported = {gt for frame in trace.ids for gt in frame}
     assert reported == {2}
     assert trace.ids[12] == {2: 1}  # ids are handed out at confirmation only
     assert [e.kind for events in trace.events for e in events] == ["new"]
+
+
+def test_first_frame_of_a_stream_confirms_at_once() -> None:
+    still = Target(gt=0, start=(100.0, 100.0), frames=range(0, 10))
+    late = Target(gt=1, start=(500.0, 100.0), frames=range(3, 10))
+    trace = run(ByteTracker(), [still, late], 10)
+    assert trace.ids[0] == {0: 1}  # born on the first call: reported at once, as ByteTrack does
+    assert 1 not in trace.ids[3] and 1 not in trace.ids[4]  # later births wait for min_hits
+    assert trace.ids[5] == {0: 1, 1: 2}
+    tracker = ByteTracker(TrackerConfig(confirm_first_frame=False))
+    assert not run(tracker, [still], 2).ids[0]
 
 
 def test_min_hits_one_reports_a_track_on_its_first_frame() -> None:

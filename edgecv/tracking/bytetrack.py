@@ -22,8 +22,9 @@ in which a pair matches only when its cost is below the gate. Unless
 Lifecycle (events are listed in ``ByteTracker.events`` after the call that made them):
 
 - tentative: born from a detection; confirmed once it has been matched on
-  ``min_hits`` consecutive ``update`` calls (its birth call counts; there is no
-  exception for the first frame of the stream). Confirmation assigns the next id of
+  ``min_hits`` consecutive ``update`` calls (its birth call counts). As in ByteTrack,
+  tracks born on the first call of a stream are confirmed at once when
+  ``confirm_first_frame`` (there is no history yet to confirm them against). Confirmation assigns the next id of
   this tracker instance (1, 2, 3...) and emits ``"new"``. A tentative track that
   misses one call is dropped silently: neither it nor an id is ever reported.
 - tracked: confirmed and matched on this call; the only tracks ``update`` returns.
@@ -69,6 +70,7 @@ class TrackerConfig:
     frame_rate: float = 10.0  # frames per second the tracker is fed (skipped ones included)
     class_agnostic: bool = False  # match detections of any class to any track
     fuse_score: bool = True  # first and tentative associations use 1 - IoU * score
+    confirm_first_frame: bool = True  # tracks born on the stream's first call are confirmed at once
 
     def __post_init__(self) -> None:
         t = self.track_thresh
@@ -202,6 +204,7 @@ class ByteTracker:
         self._mean = np.zeros((0, 8))
         self._cov = np.zeros((0, 8, 8))
         self._frame = 0
+        self._calls = 0
         self._next_id = 1
         self.events: list[TrackEvent] = []
 
@@ -216,6 +219,7 @@ class ByteTracker:
         self._mean = np.zeros((0, 8))
         self._cov = np.zeros((0, 8, 8))
         self._frame = 0
+        self._calls = 0
         self._next_id = 1
         self.events = []
 
@@ -225,6 +229,7 @@ class ByteTracker:
             raise ValueError(f"frames_skipped: expected >= 0, got {frames_skipped}")
         steps = 1 + frames_skipped
         self._frame += steps
+        self._calls += 1
         self.events = []
         track_boxes = self._predict(steps)
         track_idx, det_idx, unmatched_high = self._associate(track_boxes, detections)
@@ -318,7 +323,7 @@ class ByteTracker:
         for box, d in zip(xyah_to_xyxy(mean[:, :4]), candidates.tolist()):
             track = _Track(xyxy=box)
             track.observe(self._frame, d, float(detections.score[d]), int(detections.class_id[d]))
-            if self.config.min_hits <= 1:
+            if self.config.min_hits <= 1 or (self.config.confirm_first_frame and self._calls == 1):
                 self._confirm(track)
             self._tracks.append(track)
 

@@ -1,0 +1,151 @@
+"""Command line: edgecv run | check | track | bench | assets."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import EdgecvError, __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> int:
+    print(f"edgecv: error: {message}", file=sys.stderr)
+    return code
+
+
+def _config_problems(problems: Sequence[str]) -> int:
+    for p in problems:
+        print(p, file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load
+    from .daemon import load_detector
+
+    try:
+        cfg = load(args.config)
+        if not args.no_model:
+            load_detector(cfg)
+    except ConfigError as e:
+        return _config_problems(e.problems)
+    except EdgecvError as e:
+        return _config_problems([f"model.path: {e}"])
+    print(f"{args.config}: ok ({len(cfg.cameras)} camera(s): {', '.join(cfg.cameras)})")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load
+    from .daemon import run
+
+    try:
+        cfg = load(args.config)
+        realtime = False if args.fast else None
+        return run(cfg, max_frames=args.max_frames, realtime=realtime)
+    except ConfigError as e:
+        return _config_problems(e.problems)
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from .track import track_video
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    result = track_video(args.video, args.model, args.mot, family=args.family, classes=classes, conf=args.conf,
+                         threads=args.threads, max_frames=args.max_frames)
+    print(f"{result.frames} frames processed in {result.seconds:.2f} s: {result.fps:.1f} fps, "
+          f"{result.tracks} tracks, {result.rows} rows written to {args.mot}")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from . import assets
+
+    print("asset folders searched: " + ", ".join(str(r) for r in assets.asset_roots()))
+    missing = 0
+    for a in assets.KNOWN_ASSETS:
+        path = assets.resolve(a.rel)
+        if path is None and args.fetch and a.url:
+            try:
+                path = assets.fetch(a)
+            except OSError as e:
+                print(f"  {a.rel:28s} download failed: {e}")
+        if path is None:
+            missing += 1
+            print(f"  {a.rel:28s} MISSING   ({a.license})")
+            continue
+        status = "found"
+        if args.verify and a.sha256:
+            status = "ok" if assets.sha256_of(path) == a.sha256 else "HASH MISMATCH"
+        print(f"  {a.rel:28s} {status:9s} {path}")
+    return EXIT_OK if not missing else EXIT_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgecv", description="Real-time edge video analytics daemon")
+    p.add_argument("--version", action="version", version=f"edgecv {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the daemon on a config")
+    r.add_argument("config")
+    r.add_argument("--max-frames", type=int, default=None, help="stop after N frames per camera")
+    r.add_argument("--fast", action="store_true", help="read files as fast as possible (no drops), not in real time")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check", help="validate a config (exit 0 valid, 2 invalid)")
+    c.add_argument("config")
+    c.add_argument("--no-model", action="store_true", help="do not load the model to check class names")
+    c.set_defaults(func=cmd_check)
+
+    t = sub.add_parser("track", help="track objects in a video file, write MOT-challenge rows")
+    t.add_argument("video")
+    t.add_argument("--model", required=True)
+    t.add_argument("--family", default="auto", choices=["auto", "yolox", "yolov8"])
+    t.add_argument("--classes", default=None, help="comma-separated labels, e.g. person,car")
+    t.add_argument("--conf", type=float, default=0.3)
+    t.add_argument("--threads", type=int, default=None, help="inference threads")
+    t.add_argument("--max-frames", type=int, default=None)
+    t.add_argument("--mot", required=True, help="output file (frame,id,x,y,w,h,score,-1,-1,-1)")
+    t.set_defaults(func=cmd_track)
+
+    b = sub.add_parser("bench", help="benchmarks, printed as a table")
+    b.add_argument("what", choices=["model", "track", "tracker", "all"])
+    b.add_argument("--model", default="models/yolox_nano.onnx")
+    b.add_argument("--video", default="media/vtest.avi")
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--frames", type=int, default=300)
+    b.set_defaults(func=cmd_bench)
+
+    a = sub.add_parser("assets", help="locate (and fetch) models and sample media")
+    a.add_argument("--fetch", action="store_true", help="download missing known assets into the cache")
+    a.add_argument("--verify", action="store_true", help="check sha256 of each found asset")
+    a.set_defaults(func=cmd_assets)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EdgecvError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # last resort: one line, the traceback only at debug level
+        logging.getLogger("edgecv").debug("unexpected error", exc_info=True)
+        return _fail(f"unexpected {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Inference backends: one small interface in front of ONNX Runtime (and TensorRT later).
+
+A backend runs one model: ``infer(batch)`` takes the model's input tensor and returns
+its outputs, in ``output_names`` order. It knows nothing about images or boxes; the
+model adapters in :mod:`edgecv.engine.adapters` do.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from edgecv import EdgecvError
+
+DYNAMIC_MAX_BATCH = 16
+"""Largest batch sent to a model whose batch dimension is dynamic."""
+
+_ORT_DTYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+}
+_ORT_ERROR_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*")
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    """``(1, 3, ?, ?)``: a shape for messages, dynamic dimensions as ``?``."""
+    dims = ["?" if d < 0 else str(d) for d in shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+class Backend(abc.ABC):
+    """Runs one model with a single image-like input.
+
+    Attributes are fixed once the model is loaded. Dynamic dimensions are -1.
+    ``max_batch`` is the largest batch ``infer`` accepts: the fixed batch size,
+    or :data:`DYNAMIC_MAX_BATCH` when the batch dimension is dynamic.
+    """
+
+    name: str  # backend kind: "onnxruntime", later "tensorrt"
+    device: str  # where it runs: "cpu" or "cuda"
+    path: Path
+    input_name: str
+    input_shape: tuple[int, ...]
+    input_dtype: np.dtype
+    output_names: list[str]
+    output_shapes: list[tuple[int, ...]]  # as declared by the model; may hold -1
+    metadata: dict[str, str]  # ONNX custom metadata map
+    max_batch: int
+
+    @abc.abstractmethod
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Run the model on ``batch`` (1..max_batch items); outputs in ``output_names`` order."""
+
+    def _check_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Validate ``batch`` against the input spec; return it contiguous in the input dtype."""
+        shape = batch.shape
+        fits = (
+            len(shape) == len(self.input_shape)
+            and 1 <= shape[0] <= self.max_batch
+            and all(want < 0 or want == got for want, got in zip(self.input_shape[1:], shape[1:]))
+        )
+        if not fits:
+            raise EdgecvError(
+                f"model {self.path}: expected input {format_shape(self.input_shape)} with batch 1..{self.max_batch}, "
+                f"got {format_shape(shape)}"
+            )
+        return np.ascontiguousarray(batch, dtype=self.input_dtype)
+
+
+def _ort_message(exc: BaseException) -> str:
+    """The first line of an ONNX Runtime error, without its ``[ONNXRuntimeError] : 7 :`` prefix."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _ORT_ERROR_PREFIX.sub("", text)
+
+
+def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
+    """ONNX Runtime shape (ints, symbolic names or None) -> ints with -1 for dynamic dims."""
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime session: CUDA execution provider when available (``providers=None``), else CPU.
+
+    ``threads`` sets ``intra_op_num_threads`` (None: ONNX Runtime's default, one per core).
+    ``providers`` names ONNX Runtime execution providers explicitly, e.g.
+    ``["CPUExecutionProvider"]``; an unavailable one is an error.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str | Path,
+        threads: Optional[int] = None,
+        providers: Optional[list[str]] = None,
+        max_batch: int = DYNAMIC_MAX_BATCH,
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise EdgecvError(
+                "backend 'onnxruntime': the onnxruntime package is not installed "
+                "(pip install 'edgecv[cpu]', or onnxruntime-gpu for CUDA)"
+            ) from exc
+        self.path = Path(path)
+        if not self.path.exists():
+            raise EdgecvError(f"model {self.path}: expected an ONNX model file, found no such file")
+        if not self.path.is_file():
+            raise EdgecvError(f"model {self.path}: expected an ONNX model file, found a directory or special file")
+        if threads is not None and threads < 1:
+            raise EdgecvError(f"threads: expected a positive number or None, got {threads}")
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3  # errors only: ORT's warnings would go to stderr on every load
+        chosen = _select_providers(providers, ort.get_available_providers())
+        try:
+            self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=chosen)
+        except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+            raise EdgecvError(
+                f"model {self.path}: expected an ONNX model onnxruntime can load, "
+                f"found one it rejects: {_ort_message(exc)}"
+            ) from exc
+
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            found = ", ".join(i.name for i in inputs)
+            raise EdgecvError(f"model {self.path}: expected 1 input tensor, found {len(inputs)} ({found})")
+        spec = inputs[0]
+        if spec.type not in _ORT_DTYPES:
+            raise EdgecvError(f"model {self.path}: expected input of type {', '.join(_ORT_DTYPES)}, found {spec.type}")
+        self.input_name = spec.name
+        self.input_shape = _dims(spec.shape)
+        self.input_dtype = np.dtype(_ORT_DTYPES[spec.type])
+        outputs = self._session.get_outputs()
+        self.output_names = [o.name for o in outputs]
+        self.output_shapes = [_dims(o.shape) for o in outputs]
+        self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
+        batch_dim = self.input_shape[0] if self.input_shape else 1
+        self.max_batch = batch_dim if batch_dim > 0 else max(1, int(max_batch))
+        self.providers: list[str] = list(self._session.get_providers())
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Run the model; a short batch on a fixed-batch model is zero-padded and the padding dropped."""
+        batch = self._check_batch(batch)
+        n = batch.shape[0]
+        fixed = self.input_shape[0]
+        if 0 < fixed != n:
+            padded = np.zeros((fixed, *batch.shape[1:]), dtype=batch.dtype)
+            padded[:n] = batch
+            batch = padded
+        try:
+            outputs = self._session.run(self.output_names, {self.input_name: batch})
+        except Exception as exc:  # ORT raises its own exception types
+            raise EdgecvError(f"model {self.path}: inference failed: {_ort_message(exc)}") from exc
+        return outputs if fixed == n or fixed < 0 else [o[:n] for o in outputs]
+
+    def __repr__(self) -> str:
+        return (
+            f"OnnxRuntimeBackend({str(self.path)!r}, input={format_shape(self.input_shape)}, "
+            f"providers={self.providers})"
+        )
+
+
+def _select_providers(requested: Optional[list[str]], available: list[str]) -> list[str]:
+    """``None`` or ``["auto"]``: CUDA when this onnxruntime build has it, then CPU."""
+    if requested is None or list(requested) == ["auto"]:
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise EdgecvError(f"onnxruntime: expected execution providers among {', '.join(available)}, got {missing[0]!r}")
+    return list(requested)
