@@ -7,10 +7,11 @@ Unknown keys are errors (a typo must not pass silently).
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,8 +27,17 @@ class ConfigError(Exception):
     """One or more configuration problems, each a single line naming the field."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+        self.problems = [_one_line(p) for p in problems]
+        super().__init__("\n".join(self.problems))
+
+
+# control characters and everything str.splitlines() breaks at
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """A key or value quoted in a problem may hold line breaks: escape them so one problem stays one line."""
+    return _LINE_BREAKING.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 class _Model(BaseModel):
@@ -44,6 +54,8 @@ def _check_points(points: list[Point], minimum: int, exact: bool = False) -> lis
     if n < minimum:
         raise ValueError(f"needs at least {minimum} points, got {n}")
     for x, y in points:
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ValueError(f"coordinates must be finite numbers, got [{x:g}, {y:g}]")
         if x < 0 or y < 0:
             raise ValueError(f"coordinates must be >= 0 (source pixels), got [{x:g}, {y:g}]")
     return points
@@ -112,6 +124,13 @@ class CameraConfig(_Model):
     zones: dict[str, ZoneConfig] = Field(default_factory=dict)
     lines: dict[str, LineConfig] = Field(default_factory=dict)
     objects: ObjectEventsConfig = ObjectEventsConfig()
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # YAML's yes/no/true/false would otherwise become device index 1/0
+            raise ValueError(f"expected a file path, URL, GStreamer pipeline or device index, got {v!r}")
+        return v
 
     @field_validator("source")
     @classmethod
@@ -281,17 +300,30 @@ def _loc(loc: tuple) -> str:
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names valid at the location of an unknown key (for 'did you mean')."""
     cur: Any = model
+    dict_key_next = False
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        if isinstance(cur, type) and issubclass(cur, BaseModel):
-            field = cur.model_fields.get(str(part))
-            if field is None:
-                continue  # a key of a dict-valued field (a camera or zone name)
-            cur = _unwrap(field.annotation)
+        if dict_key_next:  # a key of a dict-valued field (a camera or zone name), even one named like a field
+            dict_key_next = False
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return []
+        field = cur.model_fields.get(str(part))
+        if field is None:
+            return []
+        dict_key_next = _is_dict(field.annotation)
+        cur = _unwrap(field.annotation)
     if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return list(cur.model_fields)
+        return [name for name, f in cur.model_fields.items() if not f.exclude]
     return []
+
+
+def _is_dict(ann: Any) -> bool:
+    """dict[...] or Optional[dict[...]]."""
+    if get_origin(ann) is dict:
+        return True
+    return get_origin(ann) is Union and any(_is_dict(a) for a in get_args(ann))
 
 
 def _unwrap(ann: Any) -> Any:
@@ -339,15 +371,19 @@ def parse(data: Any, source: str = "config", base_dir: Optional[Path] = None) ->
     data = _interpolate(data, "", problems)
     if problems:
         raise ConfigError(problems)
+    lines: list[str] = []
+    if "base_dir" in data:  # set by the loader, not a YAML key
+        lines.append(_format_error({"type": "extra_forbidden", "loc": ("base_dir",)}, Config))
     try:
         cfg = Config.model_validate({**data, "base_dir": str(base_dir) if base_dir else None})
     except ValidationError as e:
-        lines: list[str] = []
         for err in e.errors(include_url=False):
             line = _format_error(err, Config)
             if line not in lines:
                 lines.append(line)
         raise ConfigError(lines) from None
+    if lines:
+        raise ConfigError(lines)
     problems.extend(check_files(cfg))
     if problems:
         raise ConfigError(problems)
@@ -376,7 +412,11 @@ def load(path: str | os.PathLike) -> Config:
 
 
 def resolve_path(cfg: Config, value: str) -> Optional[Path]:
-    return assets.resolve(value, Path(cfg.base_dir) if cfg.base_dir else None)
+    """The file a config value names, or None when it cannot be found (or the name cannot be a file)."""
+    try:
+        return assets.resolve(value, Path(cfg.base_dir) if cfg.base_dir else None)
+    except (OSError, ValueError):  # e.g. ENAMETOOLONG, EACCES on a parent folder, an embedded NUL
+        return None
 
 
 def check_files(cfg: Config) -> list[str]:

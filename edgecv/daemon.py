@@ -35,7 +35,6 @@ def setup_logging(level: str = "info") -> None:
         handler._edgecv = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    logging.getLogger("edgecv.paho").setLevel(logging.WARNING)
 
 
 def load_detector(cfg: Config) -> Detector:

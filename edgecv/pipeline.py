@@ -144,6 +144,8 @@ class CameraWorker:
         skipped = max(0, frame.index - self._last_index - 1) if self._last_index else 0
         self._last_index = frame.index
         tracks = self.tracker.update(dets, frames_skipped=skipped)
+        w, h = frame.size
+        np.clip(tracks.xyxy, 0, np.array([w, h, w, h], np.float32), out=tracks.xyxy)  # Kalman boxes may overshoot
         removed = [Removed(e.track_id, e.class_id, e.score, e.xyxy) for e in self.tracker.events if e.kind == "removed"]
         fps = self.source.fps
         t = (frame.index - 1) / fps if (self.source.cfg.kind == "file" and fps) else frame.t_mono

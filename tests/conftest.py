@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _assets_dir() -> Path:
@@ -29,3 +31,21 @@ def assets() -> Path:
 @pytest.fixture(scope="session")
 def vtest(assets: Path) -> Path:
     return assets / "media" / "vtest.avi"
+
+
+@pytest.fixture()
+def broker(tmp_path: Path):
+    """A real Mosquitto on a free port, killed at the end of the test."""
+    from broker import Mosquitto
+
+    b = Mosquitto(tmp_path).start()
+    yield b
+    b.stop()
+
+
+def edgecv_env(assets: Path, tmp_path: Path, **extra: str) -> dict:
+    """Environment for running the edgecv CLI in a subprocess."""
+    env = dict(os.environ)
+    env.update({"EDGECV_ASSETS": str(assets), "EDGECV_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env

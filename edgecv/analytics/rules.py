@@ -91,9 +91,11 @@ class Rule:
 @dataclass
 class _ZoneState:
     inside: Optional[bool] = None  # confirmed state; None until min_frames observations agree
-    streak: int = 0  # consecutive frames observed in the other state
+    streak: int = 0  # consecutive frames observed in the candidate state
+    candidate: Optional[bool] = None  # state being observed while it differs from `inside`
     entered_t: float = 0.0
     loitered: bool = False
+    announced: bool = False  # zone.enter of the current visit was emitted (not held back by the cooldown)
     last: tuple = field(default_factory=tuple)  # (class_id, score, xyxy) last seen
 
 
@@ -137,29 +139,32 @@ class ZoneRule(Rule):
                 st.last = (int(sel.class_id[i]), float(sel.score[i]), tuple(sel.xyxy[i]))
                 now_in = bool(inside[i])
                 if st.inside is None or now_in != st.inside:
+                    if now_in != st.candidate:  # only consecutive agreeing observations count
+                        st.candidate, st.streak = now_in, 0
                     st.streak += 1
                     if st.streak >= self.min_frames:
                         was = st.inside
-                        st.inside, st.streak = now_in, 0
+                        st.inside, st.streak, st.candidate = now_in, 0, None
                         if now_in:
                             st.entered_t, st.loitered = ctx.t, False
-                        if was is not None or now_in:
-                            kind = "zone.enter" if now_in else "zone.exit"
-                            if self._cooled(tid, kind, ctx.t):
-                                fields = {"zone": self.name}
-                                if not now_in:
-                                    fields["dwell_s"] = round(ctx.t - st.entered_t, 2)
-                                obj = ctx.obj(tid, *st.last)
-                                events.append(ctx.event(kind, obj, self.name, **fields))
+                            # the cooldown holds back a repeated enter; its exit then goes unannounced too
+                            st.announced = self._cooled(tid, "zone.enter", ctx.t)
+                            if st.announced:
+                                events.append(ctx.event("zone.enter", ctx.obj(tid, *st.last), self.name,
+                                                        zone=self.name))
+                        elif was and st.announced:
+                            st.announced = False
+                            events.append(ctx.event("zone.exit", ctx.obj(tid, *st.last), self.name, zone=self.name,
+                                                    dwell_s=round(ctx.t - st.entered_t, 2)))
                 else:
-                    st.streak = 0
+                    st.streak, st.candidate = 0, None
                 if st.inside and self.loiter_s and not st.loitered and ctx.t - st.entered_t >= self.loiter_s:
                     st.loitered = True
                     events.append(ctx.event("zone.loiter", ctx.obj(tid, *st.last), self.name, zone=self.name,
                                             dwell_s=round(ctx.t - st.entered_t, 2)))
         for r in removed:
             st = self._state.pop(r.track_id, None)
-            if st is not None and st.inside and self.exit_on_lost:
+            if st is not None and st.inside and st.announced and self.exit_on_lost:
                 events.append(ctx.event("zone.exit", ctx.obj(r.track_id, r.class_id, r.score, r.xyxy), self.name,
                                         zone=self.name, dwell_s=round(ctx.t - st.entered_t, 2), reason="lost"))
             self._forget(r.track_id)
@@ -204,7 +209,12 @@ class LineRule(Rule):
         self.b = np.asarray(points[1], dtype=np.float64)
         self.anchor = anchor
         self._state: dict[int, _LineState] = {}
-        self.counts = {"in": 0, "out": 0}
+        self._counts = {"in": 0, "out": 0}
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Crossings so far by direction (a copy): {"in": n, "out": m}."""
+        return dict(self._counts)
 
     def sides(self, points: np.ndarray) -> np.ndarray:
         d = self.b - self.a
@@ -249,7 +259,7 @@ class LineRule(Rule):
                 direction = "in" if prev_side < 0 < s else "out"
                 if not self._cooled(tid, direction, ctx.t):
                     continue
-                self.counts[direction] += 1
+                self._counts[direction] += 1
                 obj = ctx.obj(tid, int(sel.class_id[i]), float(sel.score[i]), sel.xyxy[i])
                 events.append(ctx.event("line.cross", obj, self.name, line=self.name, direction=direction))
         for r in removed:

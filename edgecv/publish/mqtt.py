@@ -43,8 +43,8 @@ class MqttPublisher:
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._inflight: dict[int, int] = {}  # paho mid -> spool seq
+        # sender-thread state only (paho callbacks never touch it: no lock-order issues with paho's mutexes)
+        self._inflight: list[tuple[mqtt.MQTTMessageInfo, int]] = []  # handed to paho, not yet acknowledged
         self._sent_upto = 0  # highest spool seq handed to paho
         self._sender: Optional[threading.Thread] = None
         protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
@@ -53,7 +53,6 @@ class MqttPublisher:
             client_id=client_id or cfg.client_id or f"edgecv-{node}",
             protocol=protocol,
         )
-        self.client.enable_logger(logging.getLogger("edgecv.paho"))
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -93,12 +92,7 @@ class MqttPublisher:
         self._set_state("unreachable", f"broker {self.cfg.host}:{self.cfg.port} unreachable; retrying")
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        with self._lock:
-            seq = self._inflight.pop(mid, None)
-        if seq is not None:
-            self.spool.ack(seq)
-            self.acked += 1
-            self._wake.set()
+        self._wake.set()  # the sender thread reaps acknowledged messages
 
     def _set_state(self, state: str, message: str) -> None:
         if state != self.state or (state == "refused" and message != self.last_error):
@@ -135,34 +129,40 @@ class MqttPublisher:
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(0.5)
+            self._wake.wait(0.2)
             self._wake.clear()
+            self._reap()
             if not self.connected:
                 continue
-            with self._lock:
-                room = MAX_INFLIGHT - len(self._inflight)
-                after = self._sent_upto
+            room = MAX_INFLIGHT - len(self._inflight)
             if room <= 0:
                 continue
-            for item in self.spool.next_items(after, room):
+            for item in self.spool.next_items(self._sent_upto, room):
                 if not self.connected:
                     break
                 self._send(item)
+        self._reap()
+
+    def _reap(self) -> None:
+        """Forget acknowledged events (QoS >= 1: PUBACK received; QoS 0: written to the socket)."""
+        still: list[tuple[mqtt.MQTTMessageInfo, int]] = []
+        for info, seq in self._inflight:
+            if info.is_published():
+                self.spool.ack(seq)
+                self.acked += 1
+            else:
+                still.append((info, seq))
+        self._inflight = still
 
     def _send(self, item: SpoolItem) -> None:
         now = time.time()
         data = json.loads(item.payload)
         data["published_at"] = round(now, 3)
         data["latency_ms"] = round(max(0.0, (now - data["captured_at"]) * 1000.0), 1)
-        body = json.dumps(data, separators=(",", ":"))
-        with self._lock:
-            info = self.client.publish(item.topic, body, qos=self.cfg.qos)
-            self._sent_upto = item.seq
-            if self.cfg.qos > 0:
-                self._inflight[info.mid] = item.seq
+        info = self.client.publish(item.topic, json.dumps(data, separators=(",", ":")), qos=self.cfg.qos)
+        self._inflight.append((info, item.seq))
+        self._sent_upto = item.seq
         self.published += 1
-        if self.cfg.qos == 0:
-            self.spool.ack(item.seq)
 
     def close(self, deadline_s: float = 5.0) -> int:
         """Deliver what is pending until the deadline, publish `offline`, disconnect.
@@ -173,6 +173,10 @@ class MqttPublisher:
         while self.spool.depth > 0 and time.monotonic() < end and self.connected:
             self._wake.set()
             time.sleep(0.02)
+        self._stop.set()
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join(2.0)
         left = self.spool.depth
         if self.connected:
             info = self.client.publish(self.topics.status, "offline", qos=1, retain=True)
@@ -180,10 +184,6 @@ class MqttPublisher:
                 info.wait_for_publish(timeout=max(0.5, end - time.monotonic()))
             except (RuntimeError, ValueError):
                 pass
-        self._stop.set()
-        self._wake.set()
-        if self._sender is not None:
-            self._sender.join(2.0)
         self.client.disconnect()
         self.client.loop_stop()
         if left:
