@@ -94,12 +94,12 @@ class LineConfig(_RuleBase):
 class ObjectEventsConfig(_Model):
     new: bool = Field(True, description="Emit object.new when a track is confirmed")
     lost: bool = Field(True, description="Emit object.lost when a confirmed track is removed")
-    classes: Optional[list[str]] = Field(None, min_length=1)
+    classes: Optional[list[str]] = Field(None, min_length=1, description="Only these labels (default: all)")
 
 
 class ReconnectConfig(_Model):
-    initial_s: float = Field(0.5, gt=0, le=600)
-    max_s: float = Field(30.0, gt=0, le=3600)
+    initial_s: float = Field(0.5, gt=0, le=600, description="First delay; doubled after each failure")
+    max_s: float = Field(30.0, gt=0, le=3600, description="Largest delay")
 
     @model_validator(mode="after")
     def _order(self) -> "ReconnectConfig":
@@ -113,17 +113,17 @@ SourceType = Literal["auto", "file", "rtsp", "stream", "v4l2", "gstreamer"]
 
 class CameraConfig(_Model):
     source: Union[str, int] = Field(description="File path, rtsp:// URL, /dev/videoN or index, or GStreamer pipeline")
-    type: SourceType = "auto"
+    type: SourceType = Field("auto", description="Source kind; auto: from `source`")
     realtime: bool = Field(True, description="Files: play at their own frame rate (false: as fast as possible, no drops)")
     loop: bool = Field(False, description="Files: start again at the end")
     max_fps: Optional[float] = Field(None, gt=0, le=1000, description="Process at most this many frames per second")
-    open_timeout_s: float = Field(10.0, gt=0, le=600)
-    read_timeout_s: float = Field(10.0, gt=0, le=600)
+    open_timeout_s: float = Field(10.0, gt=0, le=600, description="Network streams: give up opening after this")
+    read_timeout_s: float = Field(10.0, gt=0, le=600, description="Network streams: give up a read after this")
     stall_timeout_s: float = Field(10.0, gt=0, le=3600, description="No frame for this long: stalled, reconnect")
-    reconnect: ReconnectConfig = ReconnectConfig()
-    zones: dict[str, ZoneConfig] = Field(default_factory=dict)
-    lines: dict[str, LineConfig] = Field(default_factory=dict)
-    objects: ObjectEventsConfig = ObjectEventsConfig()
+    reconnect: ReconnectConfig = Field(ReconnectConfig(), description="Capped exponential backoff between retries")
+    zones: dict[str, ZoneConfig] = Field(default_factory=dict, description="Polygon zones by name")
+    lines: dict[str, LineConfig] = Field(default_factory=dict, description="Counting lines by name")
+    objects: ObjectEventsConfig = Field(ObjectEventsConfig(), description="object.new / object.lost events")
 
     @field_validator("source", mode="before")
     @classmethod
@@ -160,9 +160,9 @@ class CameraConfig(_Model):
 
 
 class TLSConfig(_Model):
-    ca_file: Optional[str] = None
-    cert_file: Optional[str] = None
-    key_file: Optional[str] = None
+    ca_file: Optional[str] = Field(None, description="CA certificate(s) that signed the broker's certificate")
+    cert_file: Optional[str] = Field(None, description="Client certificate (mTLS), with key_file")
+    key_file: Optional[str] = Field(None, description="Client private key (mTLS), with cert_file")
     insecure: bool = Field(False, description="Skip hostname verification (testing only)")
 
     @model_validator(mode="after")
@@ -174,25 +174,25 @@ class TLSConfig(_Model):
 
 class SpoolConfig(_Model):
     path: Optional[str] = Field(None, description="Folder of the on-disk event spool (default: user state dir)")
-    max_mb: float = Field(256, gt=0, le=1_000_000)
+    max_mb: float = Field(256, gt=0, le=1_000_000, description="Bound of the spool; past it the oldest are dropped")
 
 
 class MqttConfig(_Model):
-    enabled: bool = True
-    host: str = Field("localhost", min_length=1)
-    port: int = Field(1883, ge=1, le=65535)
-    client_id: Optional[str] = Field(None, min_length=1, max_length=128)
-    username: Optional[str] = None
-    password: Optional[str] = None
-    qos: int = Field(1, ge=0, le=2)
-    topic_prefix: str = Field("edgecv", min_length=1)
-    keepalive_s: int = Field(30, ge=5, le=3600)
-    protocol: Literal["3.1.1", "5"] = "3.1.1"
-    tls: Optional[TLSConfig] = None
+    enabled: bool = Field(True, description="Publish to an MQTT broker (false: console only)")
+    host: str = Field("localhost", min_length=1, description="Broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS)")
+    client_id: Optional[str] = Field(None, min_length=1, max_length=128, description="Default: edgecv-<node_id>")
+    username: Optional[str] = Field(None, description="Broker user; use ${ENV} for secrets")
+    password: Optional[str] = Field(None, description="Broker password; use ${ENV} for secrets (never logged)")
+    qos: int = Field(1, ge=0, le=2, description="QoS of event messages")
+    topic_prefix: str = Field("edgecv", min_length=1, description="Topics are <prefix>/<node_id>/...")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive interval")
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version")
+    tls: Optional[TLSConfig] = Field(None, description="TLS to the broker (absent: plain TCP)")
     publish_tracks: bool = Field(False, description="Publish per-frame track lists (QoS 0, rate-limited)")
-    tracks_max_hz: float = Field(2.0, gt=0, le=100)
-    stats_interval_s: float = Field(10.0, gt=0, le=3600)
-    spool: SpoolConfig = SpoolConfig()
+    tracks_max_hz: float = Field(2.0, gt=0, le=100, description="Most track-list messages per second and camera")
+    stats_interval_s: float = Field(10.0, gt=0, le=3600, description="Period of <prefix>/<node>/stats messages")
+    spool: SpoolConfig = Field(SpoolConfig(), description="Disk spool holding events until the broker has them")
 
     @field_validator("topic_prefix")
     @classmethod
@@ -204,8 +204,8 @@ class MqttConfig(_Model):
 
 class ModelConfig(_Model):
     path: str = Field(description="ONNX model (or TensorRT engine); relative paths also searched in EDGECV_ASSETS")
-    family: Literal["auto", "yolox", "yolov8"] = "auto"
-    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    family: Literal["auto", "yolox", "yolov8"] = Field("auto", description="Output decoder; auto: from the model")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field("auto", description="Inference runtime")
     conf: float = Field(0.35, ge=0, le=1, description="Confidence threshold")
     iou: float = Field(0.5, ge=0, le=1, description="NMS IoU threshold")
     classes: Optional[list[str]] = Field(None, min_length=1, description="Keep only these labels")
@@ -214,12 +214,12 @@ class ModelConfig(_Model):
 
 
 class TrackerSection(_Model):
-    track_thresh: float = Field(0.5, ge=0, le=1)
-    low_thresh: float = Field(0.1, ge=0, le=1)
-    new_track_thresh: float = Field(0.6, ge=0, le=1)
-    match_thresh: float = Field(0.8, gt=0, le=1)
-    min_hits: int = Field(3, ge=1, le=100)
-    lost_buffer_s: float = Field(3.0, gt=0, le=600)
+    track_thresh: float = Field(0.5, ge=0, le=1, description="Detections at or above: first association")
+    low_thresh: float = Field(0.1, ge=0, le=1, description="Detections between this and track_thresh: second association")
+    new_track_thresh: float = Field(0.6, ge=0, le=1, description="Unmatched detections at or above start a track")
+    match_thresh: float = Field(0.8, gt=0, le=1, description="Largest 1-IoU cost accepted in the first association")
+    min_hits: int = Field(3, ge=1, le=100, description="Consecutive matched frames before a track is confirmed")
+    lost_buffer_s: float = Field(3.0, gt=0, le=600, description="How long a lost track can be recovered with its id")
 
     @model_validator(mode="after")
     def _order(self) -> "TrackerSection":
@@ -229,13 +229,13 @@ class TrackerSection(_Model):
 
 
 class ConsoleConfig(_Model):
-    enabled: bool = True
-    format: Literal["text", "json"] = "text"
+    enabled: bool = Field(True, description="Print one line per event on stdout")
+    format: Literal["text", "json"] = Field("text", description="text: readable line; json: the MQTT payload")
 
 
 class Config(_Model):
     node_id: str = Field(pattern=NAME_RE, description="This node's id in MQTT topics and events")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging threshold (stderr)")
     mqtt: MqttConfig = MqttConfig()
     console: ConsoleConfig = ConsoleConfig()
     model: ModelConfig
@@ -441,3 +441,45 @@ def check_files(cfg: Config) -> list[str]:
 def redact(text: str) -> str:
     """Hide credentials in URLs (rtsp://user:pass@host -> rtsp://user:***@host)."""
     return re.sub(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):[^@/\s]*@", r"\1:***@", str(text))
+
+
+def reference_markdown() -> str:
+    """The configuration reference (README) generated from the models' fields and descriptions."""
+    import typing
+
+    rows: list[str] = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+
+    def type_name(ann: Any) -> str:
+        text = str(ann).replace("typing.", "").replace("NoneType", "None")
+        text = re.sub(r"<class '([^']+)'>", r"\1", text)
+        return re.sub(r"edgecv\.config\.(\w+)", r"\1", text).replace("|", "\\|")
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            key = f"{prefix}{name}"
+            ann = field.annotation
+            inner = _unwrap(ann)
+            is_dict = typing.get_origin(ann) is dict
+            default = "required" if field.is_required() else (
+                "" if isinstance(field.default, BaseModel) or field.default_factory else repr(field.default))
+            symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "min length", "max_length": "max length"}
+            bounds = ", ".join(f"{symbols[k]} {getattr(m, k)}" for m in field.metadata for k in symbols if hasattr(m, k))
+            desc = (field.description or "") + (f" ({bounds})" if bounds else "")
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                if is_dict:
+                    rows.append(f"| `{key}.<name>` | mapping of {inner.__name__} | | {desc} |")
+                    walk(inner, f"{key}.<name>.")
+                else:
+                    rows.append(f"| `{key}` | section | | {desc} |")
+                    walk(inner, f"{key}.")
+            else:
+                rows.append(f"| `{key}` | {type_name(ann)} | {default} | {desc} |")
+
+    walk(Config, "")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

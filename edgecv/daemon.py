@@ -20,7 +20,7 @@ from .pipeline import EventSink, Pipeline
 from .publish.console import ConsoleSink
 from .publish.mqtt import MqttPublisher
 from .publish.spool import Spool, SpoolError, default_spool_path
-from .types import Event
+from .types import Detections, Event, Frame
 
 log = logging.getLogger("edgecv")
 
@@ -83,6 +83,29 @@ class PublisherSink:
             log.error("%s (event %s %s not stored)", e, event.type, event.id)
 
 
+class TracksPublisher:
+    """Per-frame track lists on <prefix>/<node>/<camera>/tracks, QoS 0, at most `max_hz` per camera."""
+
+    def __init__(self, publisher: MqttPublisher, names: list[str], max_hz: float) -> None:
+        self.publisher = publisher
+        self.names = names
+        self.min_dt = 1.0 / max_hz
+        self._last: dict[str, float] = {}
+
+    def __call__(self, camera: str, frame: Frame, tracks: Detections) -> None:
+        now = time.monotonic()
+        if now - self._last.get(camera, -1e9) < self.min_dt:
+            return
+        self._last[camera] = now
+        ids = tracks.track_id if tracks.track_id is not None else np.zeros(len(tracks), np.int64)
+        items = [{"track_id": int(t), "label": self.names[int(c)] if 0 <= int(c) < len(self.names) else str(int(c)),
+                  "score": round(float(s), 3), "bbox": [round(float(v), 1) for v in box]}
+                 for t, c, s, box in zip(ids, tracks.class_id, tracks.score, tracks.xyxy)]
+        body = {"camera": camera, "frame": frame.index, "captured_at": round(frame.t_wall, 3),
+                "frame_size": list(frame.size), "tracks": items}
+        self.publisher.publish_raw(self.publisher.topics.tracks(camera), json.dumps(body, separators=(",", ":")))
+
+
 class Daemon:
     def __init__(self, cfg: Config, max_frames: Optional[int] = None, realtime: Optional[bool] = None) -> None:
         self.cfg = cfg
@@ -105,7 +128,10 @@ class Daemon:
                        for k, v in cfg.mqtt.tls.model_dump(include={"ca_file", "cert_file", "key_file"}).items()}
             self.publisher = MqttPublisher(cfg.mqtt, cfg.node_id, spool, tls)
             sinks.append(PublisherSink(self.publisher))
-        self.pipeline = Pipeline(cfg, self.detector, sinks, max_frames=max_frames)
+        on_tracks = None
+        if self.publisher is not None and cfg.mqtt.publish_tracks:
+            on_tracks = TracksPublisher(self.publisher, self.detector.names, cfg.mqtt.tracks_max_hz)
+        self.pipeline = Pipeline(cfg, self.detector, sinks, max_frames=max_frames, on_tracks=on_tracks)
 
     def _signal(self, signum: int, _frame: object) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)

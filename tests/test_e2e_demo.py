@@ -91,3 +91,25 @@ def test_replay_at_file_rate_reports_drops_and_latency(assets, broker, tmp_path)
     assert cam["frames_processed"] == 40
     assert cam["frames_read"] >= 40
     assert cam["latency_ms"]["p50"] > 0
+
+
+def test_track_lists_are_published_rate_limited(assets, broker, tmp_path):
+    cfg = (REPO / "configs" / "demo.yaml").read_text().replace("  stats_interval_s: 5\n",
+                                                              "  stats_interval_s: 5\n  publish_tracks: true\n"
+                                                              "  tracks_max_hz: 2\n")
+    path = tmp_path / "demo_tracks.yaml"
+    path.write_text(cfg)
+    sub = Subscriber(broker.port, ["edgecv/demo/street/tracks"])
+    proc = subprocess.run([sys.executable, "-m", "edgecv.cli", "run", str(path), "--max-frames", "30"],
+                          env=edgecv_env(assets, tmp_path, MQTT_PORT=str(broker.port)), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sub.close()
+    msgs = [m.json() for m in sub.snapshot()]
+    # 30 frames at 10 fps = 3 s of replay, at most 2 messages a second
+    assert 3 <= len(msgs) <= 8, len(msgs)
+    assert all(m["camera"] == "street" and m["frame_size"] == [768, 576] for m in msgs)
+    assert any(m["tracks"] for m in msgs)
+    for m in msgs:
+        for t in m["tracks"]:
+            assert t["track_id"] >= 1 and t["label"] == "person" and len(t["bbox"]) == 4

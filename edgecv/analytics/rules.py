@@ -32,8 +32,11 @@ class FrameContext:
         return self.names[class_id] if 0 <= class_id < len(self.names) else str(class_id)
 
     def obj(self, track_id: int, class_id: int, score: float, xyxy: Iterable[float]) -> ObjectInfo:
-        return ObjectInfo(int(track_id), self.label(int(class_id)), int(class_id), float(score),
-                          tuple(float(v) for v in xyxy), self.frame_size)  # type: ignore[arg-type]
+        """Object fields of an event; the box is clipped to the frame (predicted boxes may overshoot)."""
+        w, h = self.frame_size
+        x1, y1, x2, y2 = (float(v) for v in xyxy)
+        box = (min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h))
+        return ObjectInfo(int(track_id), self.label(int(class_id)), int(class_id), float(score), box, self.frame_size)
 
     def event(self, type_: str, obj: Optional[ObjectInfo], rule: str = "", **fields: Any) -> Event:
         return Event(type_, self.node, self.camera, self.frame, self.captured_at, obj, fields,

@@ -160,7 +160,7 @@ class Source:
     def check_stall(self, now: Optional[float] = None) -> bool:
         """Mark a streaming source stalled when no frame arrived for stall_timeout_s; ask it to reconnect."""
         now = time.monotonic() if now is None else now
-        if self.state == "streaming" and now - self._last_frame_mono > self.cfg.stall_timeout_s:
+        if self.live and self.state == "streaming" and now - self._last_frame_mono > self.cfg.stall_timeout_s:
             self._set_state("stalled", f"no frame for {now - self._last_frame_mono:.1f}s")
             self._reconnect_request.set()
             return True
@@ -188,6 +188,7 @@ class Source:
 
     def _run(self) -> None:
         delay = self.cfg.reconnect.initial_s
+        attempts = 0
         try:
             while not self._stop.is_set():
                 self._set_state("connecting", self.reason if self.state in ("stalled", "connecting") else "")
@@ -197,14 +198,17 @@ class Source:
                     if not self.live or e.fatal:
                         self._set_state("failed", str(e))
                         return
-                    self._set_state("connecting", f"{e}; retry in {delay:.1f}s")
+                    attempts += 1
+                    self._set_state("connecting", f"{e}; attempt {attempts}, retry in {delay:.1f}s")
                     self.backoff_history = (self.backoff_history + [delay])[-64:]
                     if self._sleep(delay * random.uniform(0.9, 1.1)):
                         break
                     delay = min(delay * 2, self.cfg.reconnect.max_s)
                     continue
+                attempts = 0
                 fps = self._cap.get(cv2.CAP_PROP_FPS)
                 self.fps = float(fps) if fps and 0 < fps < 1000 else 0.0
+                read_before = self.stats.read
                 outcome = self._stream()
                 self._release()
                 if outcome == "stop":
@@ -216,9 +220,9 @@ class Source:
                     return
                 if outcome == "fail":
                     return
-                # "lost": reconnect with backoff
+                # "lost": reconnect with backoff (from the start again when the stream had delivered frames)
                 self.stats.reconnects += 1
-                if self.state == "streaming":
+                if read_before != self.stats.read:
                     delay = self.cfg.reconnect.initial_s
                 if self._sleep(min(delay, self.cfg.reconnect.max_s)):
                     break
