@@ -375,11 +375,16 @@ def test_explicit_family_must_match_output(tmp_path: Path, model: str, family: s
     assert one_line_error(excinfo) == f"model {path}: {expected}"
 
 
-def test_ultralytics_task_other_than_detect_is_refused(tmp_path: Path) -> None:
-    path = make_model(tmp_path / "seg.onnx", yolov8_raw({}), metadata={**ULTRALYTICS_META, "task": "segment"})
+def test_ultralytics_task_other_than_detect_or_segment_is_refused(tmp_path: Path) -> None:
+    path = make_model(tmp_path / "pose.onnx", yolov8_raw({}), metadata={**ULTRALYTICS_META, "task": "pose"})
     with pytest.raises(EdgecvError) as excinfo:
         build_detector(path)
-    one_line_error(excinfo, "task 'segment' is not supported")
+    one_line_error(excinfo, "task 'pose' is not supported; supported: detect, segment")
+    # task segment selects yolov8-seg, which checks for its two outputs (tests/test_segmentation.py)
+    seg = make_model(tmp_path / "seg.onnx", yolov8_raw({}), metadata={**ULTRALYTICS_META, "task": "segment"})
+    with pytest.raises(EdgecvError) as excinfo:
+        build_detector(seg)
+    one_line_error(excinfo, "family 'yolov8-seg' expects 2 outputs, got 1")
 
 
 def test_dynamic_input_size_comes_from_imgsz_metadata(tmp_path: Path) -> None:
@@ -426,12 +431,22 @@ def test_bad_model_files_give_one_line_errors(tmp_path: Path, yolox_model: Path,
     one_line_error(excinfo, f"model {path}: {expected}")
 
 
+def _trt_probe():
+    from edgecv.engine.tensorrt import probe
+
+    return probe()
+
+
 @pytest.mark.parametrize(
     "kwargs, expected",
     [
-        ({"backend": "tensorrt"}, "backend 'tensorrt' is not available in this build"),
+        pytest.param(
+            {"backend": "tensorrt"},
+            "backend 'tensorrt' requested but TensorRT cannot run here",
+            marks=pytest.mark.skipif(_trt_probe().usable, reason="TensorRT runs on this machine"),
+        ),
         ({"backend": "openvino"}, "backend: expected one of auto, onnxruntime, tensorrt, got 'openvino'"),
-        ({"family": "ssd"}, "family: expected one of auto, yolox, yolov8, got 'ssd'"),
+        ({"family": "ssd"}, "family: expected one of auto, yolox, yolov8, yolov8-seg, semseg, got 'ssd'"),
         ({"conf": 1.5}, "conf: expected a number between 0 and 1, got 1.5"),
         ({"threads": 0}, "threads: expected a positive number or None, got 0"),
     ],

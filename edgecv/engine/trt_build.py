@@ -1,0 +1,694 @@
+"""Build TensorRT engines from ONNX models: precision, INT8 calibration, progress, cache.
+
+``edgecv build-engine MODEL.onnx`` and the automatic build of ``backend: auto``/``tensorrt``
+both end in :func:`build_engine`:
+
+1. parse the ONNX model with TensorRT's ONNX parser (explicit batch);
+2. a dynamic batch dimension gets optimization profile 0 = (1, opt, max_batch) with opt =
+   max_batch (a fixed batch keeps its size; ``--max-batch`` then has no effect);
+3. ``fp16`` sets the FP16 flag; ``int8`` sets INT8 (and FP16 for layers INT8 cannot take) and
+   calibrates with :class:`IInt8EntropyCalibrator2` on images passed through the model
+   adapter's own ``Detector.preprocess`` (:class:`CalibrationBatches`); the calibration cache
+   is written next to the engine and reused by the next build;
+4. progress: TensorRT >= 10 reports its build phases through ``IProgressMonitor``; older
+   versions get a heartbeat line every few seconds;
+5. the serialized engine is written atomically, with a JSON sidecar (source ONNX, its
+   metadata, TensorRT version, GPU, precision, max batch, build time).
+
+The engine cache (:mod:`edgecv.engine.cache`) names each engine after everything it depends
+on, so :func:`ensure_engine` builds once per model/TensorRT/GPU/precision/batch and then
+reuses the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import cv2
+import numpy as np
+
+from edgecv import EdgecvError
+from edgecv.engine.backend import DYNAMIC_MAX_BATCH, format_shape
+from edgecv.engine.cache import (
+    PRECISIONS,
+    calibration_cache_path,
+    calibration_fingerprint,
+    engine_key,
+    engine_path,
+    onnx_metadata,
+    sha256_file,
+    write_atomic,
+    write_sidecar,
+)
+
+log = logging.getLogger("edgecv.engine")
+
+PathLike = Union[str, os.PathLike]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+DEFAULT_WORKSPACE_MB = 1024
+DEFAULT_CALIB_BATCH = 8
+AUTO_MAX_BATCH = 4
+"""Largest batch of an engine built automatically from an ONNX model with a dynamic batch."""
+PRECISION_ENV, MAX_BATCH_ENV, CALIB_ENV = "EDGECV_TRT_PRECISION", "EDGECV_TRT_MAX_BATCH", "EDGECV_TRT_CALIB_DIR"
+
+
+# -- calibration data -------------------------------------------------------------------------
+
+
+def list_images(folder: PathLike) -> list[Path]:
+    """Image files (jpg, jpeg, png, bmp, webp) directly in ``folder``, sorted by name."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise EdgecvError(f"calibration images: expected a folder of images, {root} is not a folder")
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        kinds = ", ".join(IMAGE_SUFFIXES)
+        raise EdgecvError(f"calibration images: expected image files ({kinds}) in {root}, found none")
+    return images
+
+
+class CalibrationBatches:
+    """Calibration images as model-input batches: an iterable of (N, 3, H, W) float32 arrays.
+
+    Each image is read with OpenCV (BGR) and turned into the model input by the adapter's
+    own ``preprocess`` (letterbox, channel order, scaling), exactly as at inference time.
+
+    ``last`` says what happens to a final batch with fewer than ``batch_size`` images:
+
+    * ``"pad"`` (default): it is completed by repeating its own images from its start, so
+      every image is used and the padding does not add a foreign value (a black or zero
+      image would shift the activation histograms TensorRT calibrates on);
+    * ``"drop"``: it is left out (every image in a batch is then distinct).
+
+    TensorRT needs every calibration batch at exactly ``batch_size``. ``limit`` uses only
+    the first ``limit`` images. The sequence can be iterated several times; images are
+    read lazily, one batch at a time.
+    """
+
+    def __init__(
+        self,
+        images: Union[PathLike, Sequence[PathLike]],
+        detector: Any,
+        batch_size: int = DEFAULT_CALIB_BATCH,
+        last: str = "pad",
+        limit: Optional[int] = None,
+    ) -> None:
+        if batch_size < 1:
+            raise EdgecvError(f"calibration batch size: expected a positive number, got {batch_size}")
+        if last not in ("pad", "drop"):
+            raise EdgecvError(f"calibration last batch: expected 'pad' or 'drop', got {last!r}")
+        if isinstance(images, (str, os.PathLike)):
+            paths = list_images(images)
+        else:
+            paths = [Path(p) for p in images]
+        if limit is not None:
+            paths = paths[: max(0, int(limit))]
+        if not paths:
+            raise EdgecvError("calibration images: expected at least one image, got none")
+        if last == "drop" and len(paths) < batch_size:
+            raise EdgecvError(
+                f"calibration images: {len(paths)} images make no full batch of {batch_size} "
+                "(use last='pad' or fewer per batch)"
+            )
+        self.paths = paths
+        self.detector = detector
+        self.batch_size = int(batch_size)
+        self.last = last
+        w, h = detector.input_size
+        self.shape = (self.batch_size, 3, int(h), int(w))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one batch."""
+        return int(np.prod(self.shape)) * 4
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.paths), self.batch_size)
+        return full + (1 if rest and self.last == "pad" else 0)
+
+    def batch_paths(self) -> list[list[Path]]:
+        """The image files of each batch, padding included."""
+        out = []
+        for start in range(0, len(self.paths), self.batch_size):
+            chunk = self.paths[start : start + self.batch_size]
+            if len(chunk) < self.batch_size:
+                if self.last == "drop":
+                    break
+                chunk = [chunk[i % len(chunk)] for i in range(self.batch_size)]
+            out.append(chunk)
+        return out
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for chunk in self.batch_paths():
+            batch = np.empty(self.shape, dtype=np.float32)
+            done: dict[Path, int] = {}
+            for i, path in enumerate(chunk):
+                if path in done:  # padding: copy the already preprocessed item
+                    batch[i] = batch[done[path]]
+                    continue
+                image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+                if image is None:
+                    raise EdgecvError(f"calibration image {path}: expected an image OpenCV can read, could not decode")
+                self.detector.preprocess(image, out=batch[i])
+                done[path] = i
+            yield batch
+
+
+def calibration_detector(onnx: PathLike, family: str = "auto") -> Any:
+    """The model adapter whose ``preprocess`` calibration uses (model loaded with ONNX Runtime on the CPU)."""
+    from edgecv.engine.backend import OnnxRuntimeBackend
+    from edgecv.engine.registry import FAMILIES, infer_family
+
+    try:
+        backend = OnnxRuntimeBackend(onnx, threads=1, providers=["CPUExecutionProvider"])
+    except EdgecvError as exc:
+        raise EdgecvError(f"INT8 calibration preprocesses images with the model's adapter: {exc}") from exc
+    chosen = infer_family(backend) if family == "auto" else family
+    if chosen not in FAMILIES:
+        raise EdgecvError(f"family: expected one of auto, {', '.join(FAMILIES)}, got {family!r}")
+    return FAMILIES[chosen](backend)
+
+
+# -- shapes ---------------------------------------------------------------------------------
+
+
+def onnx_input_shape(path: PathLike) -> tuple[str, tuple[int, ...]]:
+    """(name, shape) of the ONNX model's single real input (initializers excluded); -1 = dynamic."""
+    from edgecv.engine.cache import _fields  # protobuf wire reader
+
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+        graph = next(v for n, w, v in _fields(data) if n == 7 and w == 2)
+        initializers: set[str] = set()
+        inputs: list[tuple[str, tuple[int, ...]]] = []
+        for number, wire, value in _fields(graph):
+            if wire != 2:
+                continue
+            if number == 5:  # initializer TensorProto: name = 8
+                initializers.update(v.decode() for n, w, v in _fields(value) if n == 8 and w == 2)
+            elif number == 11:  # input ValueInfoProto: name = 1, type = 2
+                name, shape = "", ()
+                for n, w, v in _fields(value):
+                    if n == 1 and w == 2:
+                        name = v.decode()
+                    elif n == 2 and w == 2:
+                        shape = _type_shape(v)
+                inputs.append((name, shape))
+    except (OSError, StopIteration, ValueError, UnicodeDecodeError) as exc:
+        raise EdgecvError(f"model {p}: expected an ONNX model with a graph, could not read it ({exc})") from exc
+    real = [(n, s) for n, s in inputs if n not in initializers]
+    if len(real) != 1:
+        found = ", ".join(n for n, _ in real) or "none"
+        raise EdgecvError(f"model {p}: expected 1 input tensor, found {len(real)} ({found})")
+    return real[0]
+
+
+def _type_shape(type_proto: bytes) -> tuple[int, ...]:
+    """TypeProto -> tensor_type (1) -> shape (2) -> dim (1) -> dim_value (1) | dim_param (2)."""
+    from edgecv.engine.cache import _fields
+
+    for n, w, tensor in _fields(type_proto):
+        if n == 1 and w == 2:
+            for n2, w2, shape in _fields(tensor):
+                if n2 == 2 and w2 == 2:
+                    out = []
+                    for n3, w3, dim in _fields(shape):
+                        if n3 == 1 and w3 == 2:
+                            value = [v for k, wt, v in _fields(dim) if k == 1 and wt == 0]
+                            out.append(int(value[0]) if value and value[0] > 0 else -1)
+                    return tuple(out)
+    return ()
+
+
+def effective_max_batch(input_shape: Sequence[int], requested: int) -> int:
+    """The batch an engine is built for: a fixed batch dimension wins over ``requested``."""
+    if requested < 1:
+        raise EdgecvError(f"max batch: expected a positive number, got {requested}")
+    fixed = int(input_shape[0]) if input_shape else 1
+    return fixed if fixed > 0 else int(requested)
+
+
+def plan_profile(
+    input_shape: Sequence[int], max_batch: int, imgsz: Optional[tuple[int, int]] = None
+) -> Optional[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(min, opt, max) of optimization profile 0, or None for a fully static input.
+
+    Batch: 1 .. ``max_batch`` with opt = max; a dynamic image size takes ``imgsz`` = (h, w)
+    (Ultralytics' metadata) for all three; a dynamic channel count is an error.
+    """
+    shape = tuple(int(d) for d in input_shape)
+    if all(d > 0 for d in shape):
+        return None
+    if len(shape) != 4:
+        raise EdgecvError(f"model input {format_shape(shape)}: expected (N, C, H, W) to build a profile")
+    n, c, h, w = shape
+    if c < 0:
+        raise EdgecvError(f"model input {format_shape(shape)}: expected a fixed channel count")
+    if h < 0 or w < 0:
+        if imgsz is None:
+            raise EdgecvError(
+                f"model input {format_shape(shape)}: dynamic image size and no 'imgsz' metadata; "
+                "export the model with a fixed size"
+            )
+        h, w = (h if h > 0 else imgsz[0]), (w if w > 0 else imgsz[1])
+    low = (1 if n < 0 else n, c, h, w)
+    high = (max_batch if n < 0 else n, c, h, w)
+    return low, high, high
+
+
+def calibration_batch_size(input_shape: Sequence[int], requested: int, max_batch: int) -> int:
+    """Images per calibration batch: the model's fixed batch, else ``requested`` capped at ``max_batch``."""
+    fixed = int(input_shape[0]) if input_shape else 1
+    return fixed if fixed > 0 else max(1, min(int(requested), int(max_batch)))
+
+
+def _imgsz(metadata: dict[str, str]) -> Optional[tuple[int, int]]:
+    import ast
+
+    try:
+        value = ast.literal_eval(metadata.get("imgsz", ""))
+    except (ValueError, SyntaxError):
+        return None
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    return None
+
+
+# -- progress -------------------------------------------------------------------------------
+
+
+class BuildProgress:
+    """Turns TensorRT's phase/step callbacks into a few readable lines (thread-safe).
+
+    Top-level phases print when they start and finish; steps print at most every
+    ``interval`` seconds, as ``phase: step k/n``. ``step_complete`` returns True (a False
+    would ask TensorRT to cancel the build).
+    """
+
+    def __init__(
+        self, write: Callable[[str], None], interval: float = 3.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.write = write
+        self.interval = interval
+        self.clock = clock
+        self._phases: dict[str, tuple[Optional[str], int, float]] = {}
+        self._last = -float("inf")
+        self._lock = threading.Lock()
+
+    def _path(self, name: str) -> str:
+        parts = [name]
+        parent = self._phases.get(name, (None, 0, 0.0))[0]
+        while parent is not None and len(parts) < 8:
+            parts.append(parent)
+            parent = self._phases.get(parent, (None, 0, 0.0))[0]
+        return " > ".join(reversed(parts))
+
+    def phase_start(self, name: str, parent: Optional[str], steps: int) -> None:
+        with self._lock:
+            self._phases[name] = (parent or None, int(steps), self.clock())
+            if not parent:
+                self.write(f"  {name} ...")
+
+    def step_complete(self, name: str, step: int) -> bool:
+        with self._lock:
+            now = self.clock()
+            if now - self._last >= self.interval:
+                self._last = now
+                steps = self._phases.get(name, (None, 0, 0.0))[1]
+                self.write(f"  {self._path(name)}: step {step + 1}/{steps}")
+        return True
+
+    def phase_finish(self, name: str) -> None:
+        with self._lock:
+            parent, _, started = self._phases.pop(name, (None, 0, self.clock()))
+            if parent is None:
+                self.write(f"  {name} done ({self.clock() - started:.1f} s)")
+
+
+class Heartbeat:
+    """A line every ``interval`` seconds from a thread while a long call runs (context manager)."""
+
+    def __init__(self, write: Callable[[str], None], interval: float = 5.0, what: str = "building") -> None:
+        self.write = write
+        self.interval = interval
+        self.what = what
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="build-heartbeat", daemon=True)
+        self._start = 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.write(f"  still {self.what}... {time.monotonic() - self._start:.0f} s")
+
+    def __enter__(self) -> "Heartbeat":
+        self._start = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _make_monitor(trt: Any, progress: BuildProgress) -> Any:
+    """A ``tensorrt.IProgressMonitor`` that forwards to ``progress`` (TensorRT >= 10)."""
+
+    class _Monitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: Optional[str], num_steps: int) -> None:
+            progress.phase_start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return progress.step_complete(phase_name, step)
+
+        def phase_finish(self, phase_name: str) -> None:
+            progress.phase_finish(phase_name)
+
+    return _Monitor()
+
+
+def _make_calibrator(
+    trt: Any, cuda: Any, batches: CalibrationBatches, cache: Path, write: Callable[[str], None]
+) -> Any:
+    """An ``IInt8EntropyCalibrator2`` feeding ``batches`` through one device buffer."""
+
+    class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self._batches = iter(batches)
+            self._device = cuda.mem_alloc(batches.nbytes)
+            self.count = 0
+
+        def get_batch_size(self) -> int:
+            return batches.batch_size
+
+        def get_batch(self, names: list[str], *_: Any) -> Optional[list[int]]:
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                return None
+            cuda.memcpy_htod(self._device, np.ascontiguousarray(batch))
+            self.count += 1
+            write(f"  calibration batch {self.count}/{len(batches)}")
+            return [int(self._device)]
+
+        def read_calibration_cache(self) -> Optional[bytes]:
+            if cache.is_file():
+                write(f"  using calibration cache {cache}")
+                return cache.read_bytes()
+            return None
+
+        def write_calibration_cache(self, data: Any) -> None:
+            write_atomic(cache, bytes(data))
+            write(f"  calibration cache written: {cache}")
+
+    return _Calibrator()
+
+
+# -- building -------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    seconds: float
+    precision: str
+    max_batch: int
+    sidecar: dict[str, Any]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def build_engine(
+    onnx: PathLike,
+    output: Optional[PathLike] = None,
+    precision: str = "fp16",
+    max_batch: int = 1,
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
+    calib_dir: Optional[PathLike] = None,
+    calib_batch: int = DEFAULT_CALIB_BATCH,
+    family: str = "auto",
+    device: int = 0,
+    cache_folder: Optional[PathLike] = None,
+    write: Callable[[str], None] = _stderr,
+) -> BuildResult:
+    """Build a TensorRT engine from ``onnx``; ``output`` defaults to its cache path.
+
+    INT8 needs ``calib_dir`` (a folder of images like the ones the model will see) unless
+    a calibration cache already sits where the engine goes.
+    """
+    from edgecv.engine.tensorrt import cuda_device_name, import_pycuda, import_tensorrt
+
+    onnx = Path(onnx)
+    if not onnx.is_file():
+        raise EdgecvError(f"model {onnx}: expected an ONNX model file, found no such file")
+    if precision not in PRECISIONS:
+        raise EdgecvError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if workspace_mb < 1:
+        raise EdgecvError(f"workspace: expected a positive number of MB, got {workspace_mb}")
+    _, input_shape = onnx_input_shape(onnx)
+    batch = effective_max_batch(input_shape, max_batch)
+    if batch != max_batch:
+        write(f"  {onnx.name} has a fixed batch of {batch}: building for it (--max-batch {max_batch} ignored)")
+    metadata = onnx_metadata(onnx)
+    images: list[Path] = []
+    if precision == "int8" and calib_dir is not None:
+        images = list_images(calib_dir)
+    trt = import_tensorrt()
+    cuda = import_pycuda()
+    gpu = cuda_device_name(cuda, device)
+    digest = sha256_file(onnx)
+    calib_id = calibration_fingerprint(images) if images else ""
+    key = engine_key(onnx, str(trt.__version__), gpu, precision, batch, calib_id, onnx_sha256=digest)
+    out = Path(output) if output is not None else engine_path(key, cache_folder)
+    calib_cache = calibration_cache_path(out)
+    if precision == "int8" and not images and not calib_cache.is_file():
+        raise EdgecvError(
+            f"precision int8: expected --calib-dir with images like the model will see (a few hundred), "
+            f"or a calibration cache at {calib_cache}; got neither"
+        )
+
+    context = cuda.Device(device).retain_primary_context()
+    context.push()
+    started = time.monotonic()
+    try:
+        serialized, inputs, outputs = _build(
+            trt, cuda, onnx, input_shape, metadata, precision, batch, workspace_mb, images, calib_batch, family,
+            calib_cache, write,
+        )  # fmt: skip
+    finally:
+        context.pop()
+        context.detach()
+    seconds = time.monotonic() - started
+    write_atomic(out, serialized)
+    info = {
+        "onnx": str(onnx.resolve()),
+        "onnx_sha256": digest,
+        "metadata": metadata,
+        "trt_version": str(trt.__version__),
+        "gpu": gpu,
+        "precision": precision,
+        "max_batch": batch,
+        "calibration": {"images": len(images), "fingerprint": calib_id, "cache": str(calib_cache)}
+        if precision == "int8"
+        else None,
+        "workspace_mb": int(workspace_mb),
+        "inputs": inputs,
+        "outputs": outputs,
+        "key": key.digest,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "build_seconds": round(seconds, 1),
+    }
+    write_sidecar(out, info)
+    size_mb = out.stat().st_size / 1e6
+    write(f"engine written: {out} ({size_mb:.1f} MB, {precision}, batch {batch}, built in {seconds:.0f} s)")
+    return BuildResult(out, seconds, precision, batch, info)
+
+
+def _build(
+    trt: Any,
+    cuda: Any,
+    onnx: Path,
+    input_shape: tuple[int, ...],
+    metadata: dict[str, str],
+    precision: str,
+    max_batch: int,
+    workspace_mb: int,
+    images: list[Path],
+    calib_batch: int,
+    family: str,
+    calib_cache: Path,
+    write: Callable[[str], None],
+) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Parse, configure and build (CUDA context current); (serialized engine, inputs, outputs)."""
+    from edgecv.engine.tensorrt import _make_logger
+
+    logger = _make_logger(trt)
+    if hasattr(trt, "init_libnvinfer_plugins"):
+        trt.init_libnvinfer_plugins(logger, "")
+    builder = trt.Builder(logger)
+    flags = 0
+    explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+    if explicit is not None and str(trt.__version__).split(".")[0] in ("7", "8", "9"):
+        flags |= 1 << int(explicit)  # 10.x: explicit batch is the only mode, the flag is deprecated
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if hasattr(parser, "parse_from_file"):
+        ok = parser.parse_from_file(str(onnx))
+    else:
+        ok = parser.parse(onnx.read_bytes())
+    if not ok:
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors or ["unknown error"]
+        raise EdgecvError(f"model {onnx}: TensorRT's ONNX parser rejects it: {errors[0].strip()}")
+    if network.num_inputs != 1:
+        raise EdgecvError(f"model {onnx}: expected 1 input tensor, found {network.num_inputs}")
+    tensor = network.get_input(0)
+    net_shape = tuple(int(d) for d in tensor.shape)
+    inputs = [{"name": tensor.name, "shape": list(net_shape), "dtype": str(tensor.dtype)}]
+    outputs = [
+        {"name": network.get_output(i).name, "shape": [int(d) for d in network.get_output(i).shape]}
+        for i in range(network.num_outputs)
+    ]
+
+    config = builder.create_builder_config()
+    workspace = int(workspace_mb) << 20
+    if hasattr(config, "set_memory_pool_limit"):
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    else:  # TensorRT < 8.4
+        config.max_workspace_size = workspace
+    profile_dims = plan_profile(net_shape, max_batch, _imgsz(metadata))
+    if profile_dims is not None:
+        profile = builder.create_optimization_profile()
+        profile.set_shape(tensor.name, *profile_dims)
+        config.add_optimization_profile(profile)
+    if precision in ("fp16", "int8"):
+        if not getattr(builder, "platform_has_fast_fp16", True):
+            write("  note: this GPU has no fast FP16; TensorRT will pick FP32 where FP16 does not pay")
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        if not getattr(builder, "platform_has_fast_int8", True):
+            write("  note: this GPU has no fast INT8; the engine may gain little from it")
+        config.set_flag(trt.BuilderFlag.INT8)
+        batch = calibration_batch_size(net_shape, calib_batch, max_batch)
+        if images:
+            batches = CalibrationBatches(images, calibration_detector(onnx, family), batch_size=batch)
+            write(f"  INT8 calibration: {len(images)} images in {len(batches)} batches of {batch}")
+        else:
+            batches = _CachedOnly(batch, input_shape)
+        config.int8_calibrator = _make_calibrator(trt, cuda, batches, calib_cache, write)
+        if profile_dims is not None and hasattr(config, "set_calibration_profile"):
+            fixed = (batch, *profile_dims[2][1:])
+            calib_profile = builder.create_optimization_profile()
+            calib_profile.set_shape(tensor.name, fixed, fixed, fixed)
+            config.set_calibration_profile(calib_profile)
+
+    write(
+        f"building TensorRT {trt.__version__} engine from {onnx.name}: {precision}, input {format_shape(net_shape)}, "
+        f"max batch {max_batch}, workspace {workspace_mb} MB (usually 1-5 minutes on a desktop GPU, up to 20 on Jetson)"
+    )
+    monitor = None
+    if hasattr(trt, "IProgressMonitor") and hasattr(config, "progress_monitor"):
+        monitor = _make_monitor(trt, BuildProgress(write))
+        config.progress_monitor = monitor
+        serialized = builder.build_serialized_network(network, config)
+    else:
+        with Heartbeat(write):
+            serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        detail = logger.errors[-1] if logger.errors else "build_serialized_network returned None"
+        raise EdgecvError(f"model {onnx}: TensorRT could not build an engine: {detail}")
+    return serialized, inputs, outputs
+
+
+class _CachedOnly:
+    """Calibration batches when only a calibration cache exists: TensorRT reads the cache, never a batch."""
+
+    def __init__(self, batch_size: int, input_shape: tuple[int, ...]) -> None:
+        self.batch_size = batch_size
+        self.nbytes = 4 * batch_size * int(np.prod([d for d in input_shape[1:] if d > 0] or [1]))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def auto_options(environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Build options for an engine built automatically: precision and max batch from the environment.
+
+    ``EDGECV_TRT_PRECISION`` (fp16 default; fp32; int8 needs ``EDGECV_TRT_CALIB_DIR``) and
+    ``EDGECV_TRT_MAX_BATCH`` (default :data:`AUTO_MAX_BATCH`, for models with a dynamic batch).
+    """
+    env = os.environ if environ is None else environ
+    precision = env.get(PRECISION_ENV, "fp16").strip().lower() or "fp16"
+    if precision not in PRECISIONS:
+        raise EdgecvError(f"{PRECISION_ENV}: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    raw = env.get(MAX_BATCH_ENV, "").strip()
+    try:
+        max_batch = int(raw) if raw else AUTO_MAX_BATCH
+    except ValueError:
+        raise EdgecvError(f"{MAX_BATCH_ENV}: expected a whole number, got {raw!r}") from None
+    if not 1 <= max_batch <= DYNAMIC_MAX_BATCH * 4:
+        raise EdgecvError(f"{MAX_BATCH_ENV}: expected 1..{DYNAMIC_MAX_BATCH * 4}, got {max_batch}")
+    calib = env.get(CALIB_ENV) or None
+    return {"precision": precision, "max_batch": max_batch, "calib_dir": calib}
+
+
+def ensure_engine(
+    onnx: PathLike,
+    precision: Optional[str] = None,
+    max_batch: Optional[int] = None,
+    calib_dir: Optional[PathLike] = None,
+    device: int = 0,
+    cache_folder: Optional[PathLike] = None,
+) -> Path:
+    """The cached engine for ``onnx`` on this machine, built first if there is none.
+
+    Unset options come from :func:`auto_options` (environment). Logs which engine is used,
+    or that it is being built and roughly how long that takes.
+    """
+    from edgecv.engine.tensorrt import cuda_device_name, import_pycuda, import_tensorrt
+
+    defaults = auto_options()
+    precision = precision or defaults["precision"]
+    max_batch = max_batch or defaults["max_batch"]
+    calib_dir = calib_dir or defaults["calib_dir"]
+    onnx = Path(onnx)
+    if not onnx.is_file():
+        raise EdgecvError(f"model {onnx}: expected an ONNX model file, found no such file")
+    trt = import_tensorrt()
+    gpu = cuda_device_name(import_pycuda(), device)
+    _, shape = onnx_input_shape(onnx)
+    batch = effective_max_batch(shape, int(max_batch))
+    calib_id = calibration_fingerprint(list_images(calib_dir)) if precision == "int8" and calib_dir else ""
+    key = engine_key(onnx, str(trt.__version__), gpu, precision, batch, calib_id)
+    path = engine_path(key, cache_folder)
+    if path.is_file():
+        log.info("TensorRT engine: cached %s", path)
+        return path
+    log.warning(
+        "TensorRT engine: none cached for %s (%s, batch %d, TensorRT %s, %s); building %s once: "
+        "usually 1-5 minutes on a desktop GPU, up to 20 on a Jetson",
+        onnx.name, precision, batch, trt.__version__, gpu, path,
+    )  # fmt: skip
+    result = build_engine(
+        onnx, path, precision=precision, max_batch=batch, calib_dir=calib_dir, device=device,
+        write=lambda line: log.info("%s", line.strip()),
+    )  # fmt: skip
+    return result.path

@@ -1,0 +1,354 @@
+"""GPU letterbox kernel: its numpy twin against OpenCV, its source, and its plumbing.
+
+On any machine: the numpy reference of the kernel (same coordinate math, same float32
+rounding order) is compared with ``Detector.preprocess`` (OpenCV) on real frames for both
+letterbox styles; the kernel source is compiled to PTX with nvcc when nvcc is installed
+(no GPU needed); ``GpuPreprocessor`` and ``TensorRTBackend.infer_images`` are driven with a
+fake CUDA whose "kernel" is the numpy reference, to check the arguments and buffers they
+pass. On a GPU machine: the real kernel, through pycuda and through CuPy, must equal the
+reference bit for bit.
+
+Tolerance against OpenCV (0-255 units): max |diff| <= 1 (OpenCV resizes in fixed point with
+11-bit weights, the kernel in float), mean |diff| <= 0.15, padding identical.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from edgecv.engine import YoloxDetector, Yolov8Detector
+from edgecv.engine.backend import OnnxRuntimeBackend
+from edgecv.engine.gpu_preprocess import (
+    KERNEL_NAME,
+    KERNEL_SOURCE,
+    GpuPreprocessor,
+    KernelParams,
+    detector_style,
+    kernel_params,
+    letterbox_geometry,
+    reference_kernel,
+    reference_preprocess,
+)
+from edgecv.engine.ops import letterbox
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = Path(os.environ.get("EDGECV_ASSETS") or REPO.parent / "shared")
+YOLOX = ASSETS / "models" / "yolox_nano.onnx"
+YOLOV8 = ASSETS / "models" / "yolov8n_int8.onnx"
+MAX_DIFF, MEAN_DIFF = 1.0, 0.15
+
+
+def vtest_frames(n: int) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(ASSETS / "media" / "vtest.avi"))
+    frames = []
+    for _ in range(n):
+        ok, frame = capture.read()
+        assert ok
+        frames.append(frame)
+    capture.release()
+    return frames
+
+
+def real_frames() -> list[tuple[str, np.ndarray]]:
+    bdd = sorted((ASSETS / "media" / "bdd").glob("*.jpg"))[:4]
+    frames = [(f"vtest#{i}", f) for i, f in enumerate(vtest_frames(10)[::3])]
+    frames += [(p.name, cv2.imread(str(p))) for p in bdd]
+    big = cv2.resize(cv2.imread(str(bdd[0])), (1920, 1080), interpolation=cv2.INTER_LINEAR)
+    frames.append(("bdd 1920x1080", big))
+    frames.append(("portrait", np.ascontiguousarray(big[:, 600:1000])))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def detectors() -> dict[str, Any]:
+    cpu = ["CPUExecutionProvider"]
+    return {
+        "yolox": YoloxDetector(OnnxRuntimeBackend(YOLOX, threads=1, providers=cpu)),
+        "yolov8": Yolov8Detector(OnnxRuntimeBackend(YOLOV8, threads=1, providers=cpu)),
+    }
+
+
+# -- the numpy twin against OpenCV --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["yolox", "yolov8"])
+def test_reference_matches_opencv_preprocess_on_real_frames(family: str, detectors: dict) -> None:
+    detector = detectors[family]
+    style = detector_style(detector)
+    unit = 1.0 / style["scale"]  # back to 0-255 units
+    for name, frame in real_frames():
+        want, want_box = detector.preprocess(frame)
+        got, got_box = reference_preprocess(frame, **style)
+        assert got_box == want_box, name
+        assert got.shape == want.shape and got.dtype == np.float32
+        diff = np.abs(got.astype(np.float64) - want) * unit
+        assert diff.max() <= MAX_DIFF + 1e-3, (name, diff.max())
+        assert diff.mean() <= MEAN_DIFF, (name, diff.mean())
+        # the padding is exact: same grey, same place
+        box = got_box
+        params = kernel_params(frame.shape[1], frame.shape[0], style["size"], style["center"], style["rgb"], style["scale"])
+        pad = np.ones(got.shape[1:], bool)
+        pad[params.pad_y : params.pad_y + params.new_h, params.pad_x : params.pad_x + params.new_w] = False
+        np.testing.assert_array_equal(got[:, pad], want[:, pad])
+        assert box.pad_x == params.pad_x and box.pad_y == params.pad_y
+
+
+def test_reference_styles_channel_order_and_scale(detectors: dict) -> None:
+    image = np.zeros((4, 4, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 10, 20, 30  # B, G, R
+    bgr, _ = reference_preprocess(image, (8, 8), center=False, rgb=False, scale=1.0)
+    rgb, _ = reference_preprocess(image, (8, 8), center=True, rgb=True, scale=1 / 255)
+    assert bgr[:, 0, 0].tolist() == [10, 20, 30]
+    np.testing.assert_allclose(rgb[:, 4, 4], np.array([30, 20, 10], np.float32) / 255, rtol=1e-6)
+    assert detector_style(detectors["yolox"]) == {"size": (416, 416), "center": False, "rgb": False, "scale": 1.0}
+    assert detector_style(detectors["yolov8"]) == {"size": (640, 640), "center": True, "rgb": True, "scale": 1 / 255}
+
+
+def test_reference_is_an_exact_copy_when_no_resize_is_needed() -> None:
+    image = np.random.default_rng(3).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    out, box = reference_preprocess(image, (64, 64), center=True, rgb=False, scale=1.0)
+    assert box.scale == 1.0 and box.pad_x == 8
+    np.testing.assert_array_equal(out[:, :, 8:56], image.transpose(2, 0, 1))
+    assert (out[:, :, :8] == 114).all() and (out[:, :, 56:] == 114).all()
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_geometry_is_the_cpu_letterbox(center: bool) -> None:
+    sizes = [(768, 576), (1280, 720), (1920, 1080), (720, 1280), (53, 37), (1, 1), (416, 416), (5000, 3), (3, 5000)]
+    for src_w, src_h in sizes:
+        for dst in [(416, 416), (640, 640), (640, 384), (320, 192)]:
+            _, box = letterbox(np.zeros((src_h, src_w, 3), np.uint8), dst, center=center)
+            new_w, new_h, pad_x, pad_y, ours = letterbox_geometry(src_w, src_h, *dst, center)
+            assert ours == box, (src_w, src_h, dst)
+            assert 1 <= new_w <= dst[0] and 1 <= new_h <= dst[1]
+            assert pad_x + new_w <= dst[0] and pad_y + new_h <= dst[1]
+
+
+def test_reference_rejects_bad_images() -> None:
+    params = kernel_params(8, 8, (16, 16), False, False, 1.0)
+    for bad in (np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32), np.zeros((8, 9, 3), np.uint8)):
+        with pytest.raises(ValueError):
+            reference_kernel(bad, params)
+
+
+# -- the kernel source --------------------------------------------------------------------------
+
+
+def kernel_parameters() -> list[tuple[str, str]]:
+    """(type, name) of each parameter of the kernel, read from its source."""
+    signature = re.search(rf"{KERNEL_NAME}\s*\((.*?)\)\s*\{{", KERNEL_SOURCE, re.S)
+    assert signature
+    text = re.sub(r"//[^\n]*", "", signature.group(1))
+    params = []
+    for part in text.split(","):
+        tokens = part.replace("*", " * ").split()
+        params.append((" ".join(t for t in tokens[:-1] if t not in ("const", "__restrict__")), tokens[-1]))
+    return params
+
+
+def test_kernel_arguments_match_its_signature() -> None:
+    params = kernel_params(768, 576, (416, 416), center=True, rgb=True, scale=1 / 255)
+    args = params.args("SRC", 768 * 3, "DST")
+    signature = kernel_parameters()
+    assert len(args) == len(signature) == 16
+    for arg, (ctype, name) in zip(args, signature):
+        if ctype.endswith("*"):
+            assert arg in ("SRC", "DST"), name
+        elif ctype == "int":
+            assert isinstance(arg, np.int32), name
+        else:
+            assert ctype == "float" and isinstance(arg, np.float32), name
+    named = {name: arg for arg, (_, name) in zip(args, signature)}
+    assert named["new_w"] == 416 and named["new_h"] == 312 and named["pad_y"] == 52 and named["swap_rb"] == 1
+    assert named["scale_x"] == np.float32(768 / 416) and named["pad_value"] == 114
+    assert params.grid() == (13, 52, 1)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(),
+                    reason="needs nvcc (the CUDA toolkit) to compile the kernel source")  # fmt: skip
+def test_kernel_source_compiles_without_fused_multiply_adds(tmp_path: Path) -> None:
+    """nvcc accepts the source; the PTX has the entry point and no fma (so numpy float32 can match it)."""
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    source = tmp_path / "letterbox.cu"
+    source.write_text(KERNEL_SOURCE)
+    result = subprocess.run([nvcc, "--ptx", "-O3", "-o", str(tmp_path / "k.ptx"), str(source)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ptx = (tmp_path / "k.ptx").read_text()
+    assert f".entry {KERNEL_NAME}(" in ptx
+    assert "fma." not in ptx, "the kernel must not fuse multiply-adds (its numpy twin rounds each operation)"
+    assert "mul.rn.f32" in ptx and "add.rn.f32" in ptx
+
+
+# -- GpuPreprocessor and infer_images with a fake CUDA whose kernel is the reference -------------
+
+
+class ReferenceKernel:
+    """Stands in for the compiled kernel: reads its arguments like the CUDA code, computes with numpy."""
+
+    def __init__(self, memory: Any) -> None:
+        self.memory = memory
+        self.launches: list[dict] = []
+
+    def __call__(self, *args: Any, block: tuple, grid: tuple, stream: Any) -> None:
+        names = [name for _, name in kernel_parameters()]
+        a = dict(zip(names, args))
+        src_w, src_h, pitch = int(a["src_w"]), int(a["src_h"]), int(a["src_pitch"])
+        assert pitch >= 3 * src_w
+        raw = np.frombuffer(self.memory.read(int(a["src"]), pitch * src_h), np.uint8).reshape(src_h, pitch)
+        image = np.ascontiguousarray(raw[:, : 3 * src_w].reshape(src_h, src_w, 3))
+        params = KernelParams(
+            src_w, src_h, int(a["dst_w"]), int(a["dst_h"]), int(a["new_w"]), int(a["new_h"]), int(a["pad_x"]),
+            int(a["pad_y"]), float(a["value_scale"]), bool(a["swap_rb"]), float(a["pad_value"]), letterbox=None,
+        )  # fmt: skip
+        assert a["scale_x"] == params.scale_x and a["scale_y"] == params.scale_y
+        assert grid[0] * block[0] >= params.dst_w and grid[1] * block[1] >= params.dst_h
+        self.memory.write(int(a["dst"]), reference_kernel(image, params).tobytes())
+        self.launches.append(a)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from test_tensorrt import FakeCuda
+
+    import edgecv.engine.gpu_preprocess as gp
+
+    cuda = FakeCuda()
+    kernel = ReferenceKernel(cuda.memory)
+    monkeypatch.setattr(gp, "compile_kernel", lambda: kernel)
+    return cuda, kernel
+
+
+def test_gpu_preprocessor_passes_frames_and_geometry_to_the_kernel(fake_gpu: Any, detectors: dict) -> None:
+    cuda, kernel = fake_gpu
+    for family in ("yolox", "yolov8"):
+        detector = detectors[family]
+        pre = GpuPreprocessor.for_detector(detector, cuda=cuda)
+        for name, frame in real_frames()[:3] + [("strided", real_frames()[0][1][::2, ::2])]:
+            box = pre(frame)
+            want, want_box = reference_preprocess(np.ascontiguousarray(frame), **detector_style(detector))
+            assert box == want_box, name
+            np.testing.assert_array_equal(pre.download(), want)
+        assert pre.nbytes == 3 * detector.input_size[0] * detector.input_size[1] * 4
+    with pytest.raises(ValueError):
+        pre(np.zeros((8, 8), np.uint8))
+
+
+def test_infer_images_runs_the_engine_on_gpu_preprocessed_frames(fake_gpu: Any, detectors: dict) -> None:
+    """YOLOX through TensorRTBackend.infer_images (kernel -> input buffer -> engine) = the CPU path."""
+    from test_tensorrt import ort_engine
+
+    from edgecv.engine.cache import onnx_metadata
+    from edgecv.engine.tensorrt import TensorRTBackend
+
+    cuda, kernel = fake_gpu
+    engine = ort_engine(YOLOX, "trt10", cuda)
+    backend = TensorRTBackend.from_engine(engine, cuda, cuda.Stream(), cuda.Context(), YOLOX, onnx_metadata(YOLOX))
+    detector = YoloxDetector(backend, conf=0.3)
+    assert backend.attach_preprocessor(detector) is backend.preprocessor is not None
+    cpu = detectors["yolox"]
+    for frame in vtest_frames(3):
+        outputs, boxes = backend.infer_images([frame])
+        gpu_dets = detector.postprocess(outputs, boxes)[0]
+        cpu_dets = YoloxDetector(cpu.backend, conf=0.3).detect([frame])[0]
+        assert len(gpu_dets) >= 3 and abs(len(gpu_dets) - len(cpu_dets)) <= 1
+        from edgecv.engine.ops import box_iou
+
+        iou = box_iou(cpu_dets.xyxy, gpu_dets.xyxy)
+        assert (iou.max(axis=1) > 0.95).mean() >= 0.9
+    assert kernel.launches and int(kernel.launches[-1]["dst"]) == backend.input_pointer(0)
+
+
+# -- the real kernel on a GPU -------------------------------------------------------------------
+
+
+def pycuda_ready() -> str:
+    from edgecv.engine.tensorrt import cuda_device_name, import_pycuda
+
+    try:
+        cuda_device_name(import_pycuda())
+    except Exception as exc:  # EdgecvError with the reason
+        return str(exc)
+    return ""
+
+
+def cupy_ready() -> str:
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # ImportError, or CUDARuntimeError without a device
+        return f"cupy with a CUDA device: {type(exc).__name__}: {exc}"
+    return ""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(pycuda_ready()), reason=f"needs pycuda and a CUDA device: {pycuda_ready()}")
+def test_pycuda_kernel_equals_reference() -> None:
+    import pycuda.driver as cuda
+
+    context = cuda.Device(0).retain_primary_context()
+    context.push()
+    try:
+        synthetic = np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+        for center, rgb, scale in [(False, False, 1.0), (True, True, 1 / 255)]:
+            pre = GpuPreprocessor((416, 416), center, rgb, scale)
+            for frame in [vtest_frames(1)[0], synthetic]:
+                pre(frame)
+                want, _ = reference_preprocess(frame, (416, 416), center, rgb, scale)
+                np.testing.assert_array_equal(pre.download(), want)
+    finally:
+        context.pop()
+        context.detach()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(cupy_ready()), reason=f"needs {cupy_ready()}")
+def test_cupy_kernel_equals_reference() -> None:
+    import cupy as cp
+
+    kernel = cp.RawKernel(KERNEL_SOURCE, KERNEL_NAME)
+    synthetic = np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+    for center, rgb, scale in [(False, False, 1.0), (True, True, 1 / 255)]:
+        for frame in [vtest_frames(1)[0], synthetic]:
+            params = kernel_params(frame.shape[1], frame.shape[0], (416, 416), center, rgb, scale)
+            src = cp.asarray(frame)
+            dst = cp.empty((3, 416, 416), cp.float32)
+            kernel(params.grid()[:2], (32, 8), params.args(src, frame.shape[1] * 3, dst))
+            np.testing.assert_array_equal(cp.asnumpy(dst), reference_kernel(frame, params))
+
+
+# -- the GPU check script, on the CPU ---------------------------------------------------------------
+
+
+def test_gpu_check_script_runs_without_pydantic_or_paho(tmp_path: Path) -> None:
+    """engines/gpu_check.py end to end with the numpy twin standing in for the GPU (``--simulate``).
+
+    The GPU machine has no pydantic or paho-mqtt: both are made unimportable here.
+    """
+    import json
+    import sys
+
+    out = tmp_path / "gpu.json"
+    code = (
+        "import runpy, sys; sys.modules['pydantic'] = None; sys.modules['paho'] = None; "
+        f"sys.argv = ['gpu_check.py', '--assets', {str(ASSETS)!r}, '--out', {str(out)!r}, '--runs', '2', '--simulate']; "
+        "runpy.run_path('engines/gpu_check.py', run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and "kernel" in report["ran"]
+    cases = report["kernel"]["runners"]["numpy-twin"]["cases"]
+    assert len(cases) == 12 and {c["style"] for c in cases} == {"yolox", "ultralytics"}
+    assert all(c["vs_numpy_twin_max"] == 0.0 and c["vs_cpu_max"] <= MAX_DIFF for c in cases)
+    assert "environment" in report and "tensorrt" in report
