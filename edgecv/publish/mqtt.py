@@ -5,12 +5,21 @@
 - events are stored in the spool first, handed to paho by a sender thread only while connected
   (bounded in-flight window), and deleted from the spool when the broker acknowledges them (QoS >= 1);
 - paho retransmits what it holds after a reconnect; what it never got stays in the spool and is sent
-  in order afterwards, also after a restart of the daemon.
+  in order afterwards, also after a restart of the daemon;
+- an event the spool cannot store (disk full, I/O error) is handed to paho directly while the broker is
+  connected (kept in memory until acknowledged, possibly out of order) and counted as `unspooled`;
+  when the broker is not connected either it is counted as `lost`. Each such event is logged in one line.
+
+Connection trouble is logged once per change of state, in one line that says why (refused with the
+broker's reason, unreachable, TLS failure); paho retries with capped exponential backoff.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import re
+import socket
 import ssl
 import threading
 import time
@@ -21,12 +30,58 @@ import paho.mqtt.client as mqtt
 
 from ..config import MqttConfig
 from ..types import Event
-from .spool import Spool, SpoolItem
+from .spool import Spool, SpoolError, SpoolItem
 from .topics import Topics
 
 log = logging.getLogger("edgecv.mqtt")
 
 MAX_INFLIGHT = 100
+RECONNECT_MIN_S = 1
+RECONNECT_MAX_S = 30
+
+
+def _clean(text: object) -> str:
+    """One line, without the `(_ssl.c:1006)` source locations of Python's ssl errors."""
+    return re.sub(r"\s*\(_ssl\.c:\d+\)", "", " ".join(str(text).split()))
+
+
+def describe_connect_error(e: BaseException, host: str) -> str:
+    """One line saying why a connection attempt failed (no secrets: only socket and TLS errors)."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        why = _clean(e.verify_message or e.reason or e)
+        return (f"the broker's certificate was rejected: {why} "
+                f"(check mqtt.tls.ca_file, and that the certificate is valid for {host})")
+    if isinstance(e, ssl.SSLError):
+        return f"TLS handshake failed: {_clean(e)}"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, socket.gaierror):
+        return f"cannot resolve {host}: {e.strerror or e}"
+    if isinstance(e, (TimeoutError, socket.timeout)):
+        return "timed out"
+    return _clean(getattr(e, "strerror", None) or e) or type(e).__name__
+
+
+class _Client(mqtt.Client):
+    """paho's client, remembering why the last connection attempt failed.
+
+    paho's `on_connect_fail` does not say why; `reconnect()` is what paho's network loop calls for
+    every attempt, so the reason is caught here.
+    """
+
+    last_connect_error: Optional[BaseException] = None
+    on_attempt: Any = None
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        if self.on_attempt is not None:
+            self.on_attempt()
+        try:
+            rc = super().reconnect()
+        except (OSError, ValueError) as e:
+            self.last_connect_error = e
+            raise
+        self.last_connect_error = None
+        return rc
 
 
 class MqttPublisher:
@@ -36,26 +91,43 @@ class MqttPublisher:
         self.node = node
         self.topics = Topics(cfg.topic_prefix, node)
         self.spool = spool
-        self.published = 0
-        self.acked = 0
-        self.state = "disconnected"
+        self.hostport = f"{cfg.host}:{cfg.port}"
+        self.published = 0  # events handed to paho from the spool
+        self.acked = 0  # ... and acknowledged by the broker
+        self.unspooled = 0  # events the spool could not store, handed to paho directly
+        self.lost = 0  # events the spool could not store while the broker was not connected
+        self.state = "connecting"  # connecting, connected, disconnected, unreachable, refused, tls_failed, closed
         self.last_error = ""
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._ever_connected = False
+        self._disconnected_at: Optional[float] = None
+        # per connection attempt (paho's network thread only)
+        self._attempt_accepted = False
+        self._attempt_refused = False
+        self._attempt_log_error = ""
         # sender-thread state only (paho callbacks never touch it: no lock-order issues with paho's mutexes)
         self._inflight: list[tuple[mqtt.MQTTMessageInfo, int]] = []  # handed to paho, not yet acknowledged
         self._sent_upto = 0  # highest spool seq handed to paho
+        # message ids paho reported complete (on_publish: PUBACK for QoS 1); appended by paho's thread, drained
+        # by the sender into a bounded recent set
+        self._completed_mids: collections.deque[int] = collections.deque()
+        self._recent_mids: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._sender: Optional[threading.Thread] = None
+        # events published without the spool, not yet acknowledged (worker threads append, sender reaps)
+        self._direct: list[mqtt.MQTTMessageInfo] = []
+        self._direct_lock = threading.Lock()
         protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
-        self.client = mqtt.Client(
+        self.client = _Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id or cfg.client_id or f"edgecv-{node}",
             protocol=protocol,
         )
+        self.client.on_attempt = self._on_attempt
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         if cfg.username is not None:
             self.client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls is not None:
@@ -72,34 +144,79 @@ class MqttPublisher:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_publish = self._on_publish
+        self.client.on_log = self._on_log
 
     # ---- paho callbacks (network thread)
+    def _on_attempt(self) -> None:
+        self._attempt_accepted = self._attempt_refused = False
+        self._attempt_log_error = ""
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            self._attempt_log_error = _clean(buf)
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
-            self._set_state("refused", f"broker {self.cfg.host}:{self.cfg.port} refused the connection: {reason}")
+            self._attempt_refused = True
+            hint = ""
+            if str(reason) in ("Bad user name or password", "Not authorized"):
+                hint = " (check mqtt.username and mqtt.password)"
+            self._set_state("refused", f"broker {self.hostport} refused the connection: {reason}{hint}; "
+                                       f"retrying with backoff (at most every {RECONNECT_MAX_S} s)")
             return
+        self._attempt_accepted = True
         client.publish(self.topics.status, "online", qos=1, retain=True)
-        self._set_state("connected", f"connected to {self.cfg.host}:{self.cfg.port}")
+        if not self._ever_connected:
+            message = f"connected to {self.hostport}"
+        else:
+            away = time.monotonic() - self._disconnected_at if self._disconnected_at is not None else 0.0
+            message = (f"reconnected to {self.hostport} after {away:.1f} s without a connection; "
+                       f"{self.spool.depth} events waiting in the spool")
+        self._ever_connected = True
+        self._disconnected_at = None
+        self._set_state("connected", message)
         self._connected.set()
         self._wake.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._connected.clear()
-        if not self._stop.is_set():
-            self._set_state("disconnected", f"lost connection to {self.cfg.host}:{self.cfg.port}: {reason}; retrying")
+        if self._stop.is_set():
+            return
+        if self._attempt_accepted:
+            self._attempt_accepted = False
+            self._disconnected_at = time.monotonic()
+            why = self._attempt_log_error or (
+                f"{reason}" if getattr(flags, "is_disconnect_packet_from_server", False) else "connection closed")
+            self._set_state("disconnected", f"lost the connection to {self.hostport} ({why}); "
+                                            f"{self.spool.depth} events waiting in the spool; retrying with backoff")
+        elif not self._attempt_refused:
+            # the broker closed the connection before answering CONNECT (e.g. it rejected the TLS client
+            # certificate after the handshake)
+            why = self._attempt_log_error or "connection closed"
+            hint = " (is the client certificate accepted by the broker?)" if self.cfg.tls is not None else ""
+            self._set_state("closed", f"broker {self.hostport} closed the connection before accepting it: "
+                                      f"{why}{hint}; retrying with backoff")
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._set_state("unreachable", f"broker {self.cfg.host}:{self.cfg.port} unreachable; retrying")
+        e = getattr(client, "last_connect_error", None)
+        why = describe_connect_error(e, self.cfg.host) if e is not None else "connection failed"
+        if isinstance(e, ssl.SSLError):
+            self._set_state("tls_failed", f"TLS connection to broker {self.hostport} failed: {why}; "
+                                          f"retrying with backoff (at most every {RECONNECT_MAX_S} s)")
+        else:
+            self._set_state("unreachable", f"broker {self.hostport} unreachable: {why}; "
+                                           f"retrying with backoff (at most every {RECONNECT_MAX_S} s)")
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._completed_mids.append(mid)
         self._wake.set()  # the sender thread reaps acknowledged messages
 
     def _set_state(self, state: str, message: str) -> None:
-        if state != self.state or (state == "refused" and message != self.last_error):
+        """Log a change of state (or of its reason) once, in one line; repeated retries stay quiet."""
+        if state != self.state or (state != "connected" and message != self.last_error):
             (log.info if state == "connected" else log.warning)("mqtt: %s", message)
         self.state = state
-        if state != "connected":
-            self.last_error = message
+        self.last_error = "" if state == "connected" else message
 
     # ---- public API
     @property
@@ -112,11 +229,31 @@ class MqttPublisher:
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
         self._sender.start()
 
-    def submit(self, event: Event) -> None:
-        """Store the event durably; the sender publishes it when the broker is reachable."""
+    def submit(self, event: Event) -> bool:
+        """Store the event durably; the sender publishes it when the broker is reachable.
+
+        Returns False when the spool could not store it: then it is published directly if the broker
+        is connected (`unspooled`), else counted as `lost`; either way one line is logged.
+        """
         payload = json.dumps(event.to_payload(0.0), separators=(",", ":")).encode()
-        self.spool.put(event.camera, event.id, self.topics.events(event.camera), payload)
+        topic = self.topics.events(event.camera)
+        try:
+            self.spool.put(event.camera, event.id, topic, payload)
+        except SpoolError as e:
+            if self.connected:
+                info = self.client.publish(topic, self._with_publish_time(payload), qos=self.cfg.qos)
+                with self._direct_lock:
+                    self._direct.append(info)
+                    self.unspooled += 1
+                log.error("%s; event %s %s published without the spool", e, event.type, event.id)
+            else:
+                with self._direct_lock:
+                    self.lost += 1
+                log.error("%s; event %s %s lost: the broker is not connected either (%d lost in all)",
+                          e, event.type, event.id, self.lost)
+            return False
         self._wake.set()
+        return True
 
     def publish_raw(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> None:
         """Best-effort messages (stats, tracks, snapshots): dropped when not connected."""
@@ -125,7 +262,14 @@ class MqttPublisher:
 
     def pending(self) -> int:
         """Events not yet acknowledged by the broker."""
-        return self.spool.depth
+        with self._direct_lock:
+            direct = len(self._direct)
+        return self.spool.depth + direct
+
+    def stats(self) -> dict[str, Any]:
+        """Figures for the stats message."""
+        return {"state": self.state, "published": self.published, "acked": self.acked,
+                "unspooled": self.unspooled, "lost": self.lost}
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():
@@ -143,26 +287,63 @@ class MqttPublisher:
                 self._send(item)
         self._reap()
 
+    def _done(self, info: mqtt.MQTTMessageInfo) -> bool:
+        """Whether paho completed the message (QoS >= 1: PUBACK received; QoS 0: written to the socket).
+
+        A message handed to paho just as the connection dropped keeps an error code in its info (is_published()
+        raises) although paho holds it and sends it after the reconnect: its completion is seen by its mid.
+        """
+        if self._recent_mids.pop(info.mid, 0) is None:
+            return True
+        try:
+            return info.is_published()
+        except (RuntimeError, ValueError):
+            return self.cfg.qos == 0  # QoS 0 is at most once: paho does not keep it
+
     def _reap(self) -> None:
-        """Forget acknowledged events (QoS >= 1: PUBACK received; QoS 0: written to the socket)."""
+        """Forget acknowledged events: delete them from the spool."""
+        while self._completed_mids:
+            self._recent_mids[self._completed_mids.popleft()] = None
+        while len(self._recent_mids) > 4096:  # mids of other messages (status, stats) that match no event
+            self._recent_mids.popitem(last=False)
         still: list[tuple[mqtt.MQTTMessageInfo, int]] = []
         for info, seq in self._inflight:
-            if info.is_published():
+            if self._done(info):
                 self.spool.ack(seq)
                 self.acked += 1
             else:
                 still.append((info, seq))
         self._inflight = still
+        with self._direct_lock:
+            if self._direct:
+                self._direct = [info for info in self._direct if not self._done(info)]
 
-    def _send(self, item: SpoolItem) -> None:
+    @staticmethod
+    def _with_publish_time(payload: bytes) -> str:
         now = time.time()
-        data = json.loads(item.payload)
+        data = json.loads(payload)
         data["published_at"] = round(now, 3)
         data["latency_ms"] = round(max(0.0, (now - data["captured_at"]) * 1000.0), 1)
-        info = self.client.publish(item.topic, json.dumps(data, separators=(",", ":")), qos=self.cfg.qos)
+        return json.dumps(data, separators=(",", ":"))
+
+    def _send(self, item: SpoolItem) -> None:
+        info = self.client.publish(item.topic, self._with_publish_time(item.payload), qos=self.cfg.qos)
         self._inflight.append((info, item.seq))
         self._sent_upto = item.seq
         self.published += 1
+
+    def flush(self, deadline_s: float) -> int:
+        """Wait until every event is acknowledged, the deadline passes, or the broker is (known to be) away.
+
+        While the first connection attempt is still under way it is waited for. Returns the events left.
+        """
+        end = time.monotonic() + deadline_s
+        while self.pending() > 0 and time.monotonic() < end:
+            if not self.connected and self.state != "connecting":
+                break
+            self._wake.set()
+            time.sleep(0.02)
+        return self.pending()
 
     def close(self, deadline_s: float = 5.0) -> int:
         """Deliver what is pending until the deadline, publish `offline`, disconnect.
@@ -170,13 +351,12 @@ class MqttPublisher:
         Returns the number of events left in the spool (delivered on the next start).
         """
         end = time.monotonic() + deadline_s
-        while self.spool.depth > 0 and time.monotonic() < end and self.connected:
-            self._wake.set()
-            time.sleep(0.02)
+        self.flush(deadline_s)
         self._stop.set()
         self._wake.set()
         if self._sender is not None:
             self._sender.join(2.0)
+        self._reap()
         left = self.spool.depth
         if self.connected:
             info = self.client.publish(self.topics.status, "offline", qos=1, retain=True)
@@ -186,6 +366,13 @@ class MqttPublisher:
                 pass
         self.client.disconnect()
         self.client.loop_stop()
+        with self._direct_lock:
+            unacked = len(self._direct)
+            self._direct = []
+            self.lost += unacked
+        if unacked:
+            log.error("mqtt: %d events published without the spool were not acknowledged before shutdown: lost "
+                      "(%d lost in all)", unacked, self.lost)
         if left:
             log.warning("mqtt: %d events not delivered yet; kept in the spool %s", left, self.spool.path)
         return left

@@ -2,7 +2,8 @@
 
 Every event is written here before it is published and deleted only when the broker acknowledged
 it, so events survive broker outages and crashes. The spool is bounded in bytes: past the bound
-the oldest events are dropped and counted (never silently).
+the oldest events are dropped and counted (never silently). A write that fails (disk full, I/O
+error) raises `SpoolError` and is counted in `failed`; the caller decides what to do with the event.
 """
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 log = logging.getLogger("edgecv.spool")
+
+DROP_LOG_INTERVAL_S = 10.0  # past the first drop, at most one summary line per interval
 
 
 class SpoolError(Exception):
@@ -30,15 +34,28 @@ class SpoolItem:
     payload: bytes  # JSON of the event, without publish-time fields
 
 
+def _reason(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 class Spool:
     def __init__(self, path: str | os.PathLike, max_bytes: int) -> None:
         self.path = Path(path)
         self.max_bytes = int(max_bytes)
+        self.failed = 0  # events that could not be written (this run)
         self._lock = threading.Lock()
+        self._db: Optional[sqlite3.Connection] = None
+        self._drops_unlogged = 0
+        self._acked_rows: dict[int, int] = {}  # seq -> size: acknowledged, not deleted yet (a write failed)
+        self._acked_bytes = 0
+        self._ack_failing = False
+        self._last_drop_log = -1e9
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=5.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+            if not mode or str(mode[0]).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot use write-ahead logging (journal mode {mode and mode[0]})")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, camera TEXT NOT NULL,"
@@ -46,66 +63,107 @@ class Spool:
             )
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
             row = self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events").fetchone()
+            self.dropped = self._meta("dropped")  # oldest events removed past the bound (kept across runs)
         except (sqlite3.Error, OSError) as e:
-            raise SpoolError(f"spool {self.path}: cannot open: {e}") from None
+            if self._db is not None:
+                self._db.close()
+            raise SpoolError(f"spool {self.path}: cannot open: {_reason(e)}") from None
         self._bytes, self._count = int(row[0]), int(row[1])
-        self.dropped = self._meta("dropped")
         if self._count:
             log.info("spool %s: %d events waiting from an earlier run", self.path, self._count)
 
     def _meta(self, key: str) -> int:
+        assert self._db is not None
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return int(row[0]) if row else 0
 
     def put(self, camera: str, event_id: str, topic: str, payload: bytes) -> int:
-        """Store one event durably; returns its sequence number. Drops the oldest past the bound."""
+        """Store one event durably; returns its sequence number. Drops the oldest past the bound.
+
+        Raises SpoolError (counted in `failed`) when the event could not be written.
+        """
         size = len(payload) + len(topic) + len(event_id) + 64
         with self._lock:
+            if self._db is None:
+                self.failed += 1
+                raise SpoolError(f"spool {self.path}: cannot write: the spool is closed")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
+                if self._acked_rows:
+                    self._delete_acked()
                 cur = self._db.execute(
                     "INSERT INTO events (camera, event_id, topic, payload, size) VALUES (?, ?, ?, ?, ?)",
                     (camera, event_id, topic, payload, size),
                 )
-                self._bytes += size
-                self._count += 1
-                dropped = self._enforce_bound()
+                dropped = self._enforce_bound(size)
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 self._rollback()
-                raise SpoolError(f"spool {self.path}: cannot write: {e}") from None
-            if dropped:
-                log.warning("spool %s: over %d bytes, dropped %d oldest events (%d dropped in all)",
-                            self.path, self.max_bytes, dropped, self.dropped)
+                self.failed += 1
+                raise SpoolError(f"spool {self.path}: cannot write: {_reason(e)}") from None
+            if self._acked_rows:
+                self._after_delete()
+            self._bytes += size - dropped[1]
+            self._count += 1 - dropped[0]
+            if dropped[0]:
+                self.dropped += dropped[0]
+                self._log_drops(dropped[0])
             return int(cur.lastrowid)
 
+    def _log_drops(self, n: int) -> None:
+        """Every drop is counted; the first is logged at once, then one summary line per interval."""
+        self._drops_unlogged += n
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
+            self._flush_drop_log(now)
+
+    def _flush_drop_log(self, now: float) -> None:
+        if self._drops_unlogged:
+            log.warning("spool %s: over its bound of %d bytes: dropped the %d oldest events (%d dropped in all)",
+                        self.path, self.max_bytes, self._drops_unlogged, self.dropped)
+            self._drops_unlogged = 0
+            self._last_drop_log = now
+
     def _rollback(self) -> None:
+        assert self._db is not None
         try:
             self._db.execute("ROLLBACK")
         except sqlite3.Error:
+            pass  # SQLite may have rolled back already (disk full, I/O error)
+        try:
+            row = self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events").fetchone()
+            self._bytes, self._count = int(row[0]), int(row[1])
+        except sqlite3.Error:
             pass
-        row = self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events").fetchone()
-        self._bytes, self._count = int(row[0]), int(row[1])
 
-    def _enforce_bound(self) -> int:
-        dropped = 0
-        while self._bytes > self.max_bytes and self._count > 1:
-            rows = self._db.execute("SELECT seq, size FROM events ORDER BY seq LIMIT 64").fetchall()
-            for seq, size in rows:
-                if self._bytes <= self.max_bytes or self._count <= 1:
-                    break
-                self._db.execute("DELETE FROM events WHERE seq=?", (seq,))
-                self._bytes -= size
-                self._count -= 1
-                dropped += 1
-        if dropped:
-            self.dropped += dropped
-            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dropped', ?)", (self.dropped,))
-        return dropped
+    def _enforce_bound(self, new_size: int) -> tuple[int, int]:
+        """Inside the put transaction: delete the oldest events while over the bound (never the new one).
+
+        Returns (events, bytes) deleted; the caller updates the counters once the transaction committed.
+        """
+        assert self._db is not None
+        total = self._bytes - self._acked_bytes + new_size  # acknowledged rows were deleted in this transaction
+        count = self._count - len(self._acked_rows) + 1
+        if total <= self.max_bytes:
+            return 0, 0
+        n = freed = 0
+        last_seq = None
+        for seq, size in self._db.execute("SELECT seq, size FROM events ORDER BY seq"):
+            if total - freed <= self.max_bytes or count - n <= 1:
+                break
+            n += 1
+            freed += int(size)
+            last_seq = seq
+        if n:
+            self._db.execute("DELETE FROM events WHERE seq <= ?", (last_seq,))
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dropped', ?)", (self.dropped + n,))
+        return n, freed
 
     def next_items(self, after_seq: int, limit: int) -> list[SpoolItem]:
         """Events in order of arrival with seq > after_seq."""
         with self._lock:
+            if self._db is None:
+                return []
             rows = self._db.execute(
                 "SELECT seq, camera, event_id, topic, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
                 (after_seq, limit),
@@ -113,33 +171,80 @@ class Spool:
         return [SpoolItem(int(r[0]), r[1], r[2], r[3], bytes(r[4])) for r in rows]
 
     def ack(self, seq: int) -> None:
-        """The broker has the event: forget it."""
+        """The broker has the event: forget it.
+
+        When the row cannot be deleted (disk full, I/O error) it is remembered as acknowledged (not counted
+        in `depth`) and deleted with a later write; if the daemon stops first, it is published again on the
+        next start (a duplicate with the same id, never a loss).
+        """
         with self._lock:
+            if self._db is None:
+                return
             try:
                 row = self._db.execute("SELECT size FROM events WHERE seq=?", (seq,)).fetchone()
-                if row:
-                    self._db.execute("DELETE FROM events WHERE seq=?", (seq,))
-            except sqlite3.Error as e:
-                log.error("spool %s: cannot delete acknowledged event: %s", self.path, e)
+            except sqlite3.Error:
+                row = None
+            if row is None and seq not in self._acked_rows:
                 return
-            if row:
-                self._bytes -= int(row[0])
-                self._count -= 1
+            self._acked_rows[seq] = int(row[0]) if row else self._acked_rows[seq]
+            self._acked_bytes = sum(self._acked_rows.values())
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._delete_acked()
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._rollback()
+                if not self._ack_failing:
+                    log.error("spool %s: cannot delete acknowledged events: %s (kept until a write works; "
+                              "published again if the daemon stops first)", self.path, _reason(e))
+                self._ack_failing = True
+                return
+            self._after_delete()
+
+    def _delete_acked(self) -> None:
+        """Inside a write transaction: delete the rows of acknowledged events."""
+        assert self._db is not None
+        seqs = list(self._acked_rows)
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            self._db.execute(f"DELETE FROM events WHERE seq IN ({','.join('?' * len(chunk))})", chunk)
+
+    def _after_delete(self) -> None:
+        """The transaction that deleted the acknowledged rows committed."""
+        if self._ack_failing:
+            log.info("spool %s: deleting acknowledged events works again", self.path)
+            self._ack_failing = False
+        self._count -= len(self._acked_rows)
+        self._bytes -= self._acked_bytes
+        self._acked_rows.clear()
+        self._acked_bytes = 0
 
     @property
     def depth(self) -> int:
-        return self._count
+        """Events waiting for the broker's acknowledgement."""
+        return self._count - len(self._acked_rows)
 
     @property
     def size_bytes(self) -> int:
-        return self._bytes
+        return self._bytes - self._acked_bytes
+
+    def stats(self) -> dict[str, int]:
+        """For the stats message: events waiting, their bytes, dropped past the bound (all runs), failed writes."""
+        return {"depth": self.depth, "bytes": self.size_bytes, "dropped": self.dropped, "failed": self.failed}
 
     def close(self) -> None:
         with self._lock:
+            self._flush_drop_log(time.monotonic())
+            if self._db is None:
+                return
+            if self._acked_rows:
+                log.warning("spool %s: %d delivered events could not be deleted; they are published again on the "
+                            "next start (same ids)", self.path, len(self._acked_rows))
             try:
                 self._db.close()
             except sqlite3.Error:
                 pass
+            self._db = None
 
 
 def default_spool_path(node_id: str, configured: Optional[str]) -> Path:
