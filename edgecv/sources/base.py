@@ -4,6 +4,11 @@ A `Source` owns its thread. Live sources (RTSP, V4L2, GStreamer, files in replay
 the newest frame: when the consumer is slower, older frames are replaced and counted as dropped,
 so latency never builds up. Offline file sources (`realtime: false`) block instead, so every
 frame is processed.
+
+Backend logs: each state change is logged once, in one line, with its reason. FFmpeg's own messages (one
+per damaged macroblock of a corrupt file, one per refused connection attempt) and OpenCV's warnings would
+bury those lines, so they are limited to fatal errors unless the environment sets them:
+`OPENCV_FFMPEG_LOGLEVEL=16` (FFmpeg errors, e.g. an RTSP 401) or `OPENCV_LOG_LEVEL=WARNING` when diagnosing.
 """
 from __future__ import annotations
 
@@ -22,6 +27,14 @@ from ..config import CameraConfig, redact
 from ..types import Frame
 
 log = logging.getLogger("edgecv.source")
+
+# read by OpenCV when its FFmpeg backend is first used: set before any capture is opened
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "8")  # AV_LOG_FATAL
+if "OPENCV_LOG_LEVEL" not in os.environ:
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # an OpenCV build without the logging module
+        pass
 
 STATES = ("connecting", "streaming", "stalled", "stopped", "failed")
 
@@ -119,6 +132,8 @@ class Source:
         self._thread: Optional[threading.Thread] = None
         self._cap: Optional[cv2.VideoCapture] = None
         self._last_frame_mono = 0.0
+        self._read_since = 0.0  # monotonic time the current blocking read began (0: not in a read)
+        self._stuck_warned = False
         self._next_index = 1
         self._reconnect_request = threading.Event()
         # set by the pipeline: turns a Frame into what the consumer wants (e.g. model input made on this
@@ -164,6 +179,14 @@ class Source:
             self._set_state("stalled", f"no frame for {now - self._last_frame_mono:.1f}s")
             self._reconnect_request.set()
             return True
+        since = self._read_since
+        if (self.live and self.state == "stalled" and since and not self._stuck_warned
+                and now - since > self.cfg.stall_timeout_s + self.cfg.read_timeout_s + 5.0):
+            # the backend ignores its read timeout (e.g. some GStreamer pipelines): say so once, the thread
+            # cannot be interrupted from here
+            self._stuck_warned = True
+            log.warning("camera %s: capture blocked in a read for %.0fs; the %s backend ignores the read timeout",
+                        self.name, now - since, type(self).__name__)
         return False
 
     # ---- the capture loop
@@ -216,7 +239,7 @@ class Source:
                 if outcome == "eof":
                     if self.cfg.loop and self.stats.read > 0:
                         continue
-                    self._set_state("stopped", "end of file")
+                    self._set_state("stopped", self._eof_reason())
                     return
                 if outcome == "fail":
                     return
@@ -247,13 +270,18 @@ class Source:
         self._last_frame_mono = time.monotonic()
         self._reconnect_request.clear()
         while not self._stop.is_set():
-            img = self._read(self._cap)
+            self._read_since = time.monotonic()
+            try:
+                img = self._read(self._cap)
+            finally:
+                self._read_since = 0.0
             now = time.monotonic()
             if img is None:
                 return self._on_read_failure()
             if self._reconnect_request.is_set():
                 return "lost"
             if self.state != "streaming":
+                self._stuck_warned = False
                 h, w = img.shape[:2]
                 self.frame_size = (w, h)
                 self._set_state("streaming", f"{w}x{h}" + (f" @ {self.fps:.1f} fps" if self.fps else ""))
@@ -284,8 +312,12 @@ class Source:
         """Frames per second to replay at (0: as fast as the source delivers)."""
         return 0.0
 
+    def _eof_reason(self) -> str:
+        return "end of file"
+
     def _on_read_failure(self) -> str:
-        self._set_state("stalled", "read failed or stream ended")
+        if self.state != "stalled":  # else the watchdog said so already, with how long it waited
+            self._set_state("stalled", "read failed or stream ended")
         return "lost"
 
 

@@ -23,6 +23,8 @@ class FileSource(Source):
     """A video file: replayed at its own frame rate (`realtime: true`) or as fast as possible (no drops)."""
 
     live = False
+    _announced = 0  # frame count the container announces (0: unknown)
+    _read_at_open = 0  # stats.read when the file was (re)opened
 
     def _blocking(self) -> bool:
         return not self.cfg.realtime
@@ -34,11 +36,21 @@ class FileSource(Source):
         cap = _open_capture(str(path), cv2.CAP_FFMPEG)
         if cap is None:
             raise OpenError(f"cannot open video file {path}: not a video or unsupported format")
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        self._announced = int(count) if count and 0 < count < 1e9 else 0
+        self._read_at_open = self.stats.read
         return cap
+
+    def _eof_reason(self) -> str:
+        """End of file; says so when the file ended well before the frame count its container announced."""
+        got, want = self.stats.read - self._read_at_open, self._announced
+        if want and got < want * 0.95 and want - got > 2:
+            return f"end of file after {got} of {want} frames: the file is truncated or damaged"
+        return "end of file"
 
     def _pace(self) -> float:
         if not self.cfg.realtime:
-            return 0.0
+            return self.cfg.pace_fps or 0.0  # paced but blocking: every frame is processed
         return self.fps or 25.0
 
     def _on_read_failure(self) -> str:
@@ -49,13 +61,21 @@ class FileSource(Source):
 
 
 class RtspSource(Source):
-    """RTSP over TCP through FFmpeg, with open and read timeouts."""
+    """RTSP over TCP through FFmpeg, with open and read timeouts.
+
+    A read blocks inside FFmpeg and cannot be interrupted from the watchdog's thread, so the read timeout
+    is at most `stall_timeout_s`: a silent stream (hung camera, dead network path with the TCP connection
+    still open) is given up and reconnected when the watchdog calls it stalled, not later.
+    """
+
+    def read_timeout_s(self) -> float:
+        return min(self.cfg.read_timeout_s, self.cfg.stall_timeout_s)
 
     def _open(self) -> cv2.VideoCapture:
         ffmpeg_capture_options(transport_tcp=True)
         params = [
             cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.cfg.open_timeout_s * 1000),
-            cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.cfg.read_timeout_s * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.read_timeout_s() * 1000),
         ]
         cap = _open_capture(self.location, cv2.CAP_FFMPEG, params)
         if cap is None:
