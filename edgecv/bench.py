@@ -3,19 +3,25 @@
 - model: model-only throughput (inference on a pre-made input tensor), pre- and post-processing;
 - track: `edgecv track` end to end on a video (decode, preprocess, infer, decode, NMS, tracking) and its
   ratio to the model-only throughput measured with the same thread settings;
-- tracker: the tracker's time per frame on synthetic moving boxes.
+- tracker: the tracker's time per frame on synthetic moving boxes;
+- driving: the driving pipeline of a config (default configs/driving.yaml: detector + segmenter) on its clip,
+  time per frame by stage, each stage run one after the other on one thread (capture/decode, preprocess,
+  inference and postprocess per model, tracking + rules), then the threaded pipeline end to end.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import cv2
+import numpy as np
 
 from . import EdgecvError, assets
+from .config import resolve_path
 
 
 def _table(rows: list[tuple[str, str]], title: str) -> str:
@@ -37,7 +43,131 @@ def _frame(video: Path, index: int = 200) -> Any:
     return frame
 
 
+def _stat(values: list[float]) -> str:
+    arr = np.asarray(values, np.float64)
+    return f"{np.median(arr):7.2f} ms median, p90 {np.percentile(arr, 90):7.2f} ms"
+
+
+def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) -> list[tuple[str, str]]:
+    """Rows of the driving benchmark (see the module docstring)."""
+    from .config import ConfigError, load
+    from .daemon import load_models
+    from .pipeline import CameraWorker, Pipeline, build_rules
+    from .sources.capture import make_source
+    from .tracking.bytetrack import ByteTracker, TrackerConfig
+    from .types import Frame, SemanticMasks
+
+    path = Path(config) if config else Path(__file__).resolve().parent.parent / "configs" / "driving.yaml"
+    try:
+        cfg = load(path)
+        if threads:
+            update = {"models": [m.model_copy(update={"threads": threads}) for _, m in cfg.model_sections],
+                      "model": None}
+            cfg = cfg.model_copy(update=update)
+        models = load_models(cfg)
+    except ConfigError as e:
+        raise EdgecvError("; ".join(e.problems)) from None
+    cam_name, cam = next(iter(cfg.cameras.items()))
+    location = str(resolve_path(cfg, str(cam.source)) or cam.source)
+    cap = cv2.VideoCapture(location, cv2.CAP_FFMPEG)
+    if not cap.isOpened():
+        raise EdgecvError(f"cameras.{cam_name}.source: cannot open {location}")
+    fps = cap.get(cv2.CAP_PROP_FPS) or 10.0
+    source = make_source(cam_name, cam, location)
+    source.fps = fps
+    t = cfg.tracker
+
+    def tracker(rate: float) -> ByteTracker:
+        return ByteTracker(TrackerConfig(track_thresh=t.track_thresh, low_thresh=t.low_thresh,
+                                         new_track_thresh=t.new_track_thresh, match_thresh=t.match_thresh,
+                                         min_hits=t.min_hits, lost_buffer_s=t.lost_buffer_s, frame_rate=rate))
+
+    worker = CameraWorker(cam_name, cfg.node_id, source, models, tracker, build_rules(cam, models.detector), [])
+    names = models.names
+    times: dict[str, list[float]] = {"decode": []}
+    for stage in ("preprocess", "inference", "postprocess"):
+        for n in names:
+            times[f"{stage} {n}"] = []
+    times["track_rules"], times["total"] = [], []
+    events = 0
+    size = (0, 0)
+    n_frames = 0
+    # warm-up: one inference per model outside the timings (session start-up costs)
+    ok, image = cap.read()
+    if not ok:
+        raise EdgecvError(f"cameras.{cam_name}.source: no decodable frame in {location}")
+    for m in models.all:
+        m.backend.infer(m.preprocess(image)[0][None])
+    cap.release()
+    cap = cv2.VideoCapture(location, cv2.CAP_FFMPEG)
+    while n_frames < frames:
+        start = time.perf_counter()
+        ok, image = cap.read()
+        t_dec = time.perf_counter()
+        if not ok:
+            break
+        n_frames += 1
+        size = (image.shape[1], image.shape[0])
+        times["decode"].append((t_dec - start) * 1000)
+        frame = Frame(cam_name, n_frames, time.monotonic(), time.time(), image)
+        results = []
+        for n, m in zip(names, models.all):
+            t0 = time.perf_counter()
+            tensor, box = m.preprocess(image)
+            t1 = time.perf_counter()
+            outputs = m.backend.infer(tensor[None])
+            t2 = time.perf_counter()
+            results.append(m.postprocess(outputs, [box])[0])
+            t3 = time.perf_counter()
+            times[f"preprocess {n}"].append((t1 - t0) * 1000)
+            times[f"inference {n}"].append((t2 - t1) * 1000)
+            times[f"postprocess {n}"].append((t3 - t2) * 1000)
+        semantic = SemanticMasks.merge(results[1:]) if len(results) > 1 else None
+        t4 = time.perf_counter()
+        events += len(worker.handle(frame, results[0], semantic))
+        end = time.perf_counter()
+        times["track_rules"].append((end - t4) * 1000)
+        times["total"].append((end - start) * 1000)
+    cap.release()
+    if not n_frames:
+        raise EdgecvError(f"cameras.{cam_name}.source: no decodable frame in {location}")
+    total = float(np.median(times["total"]))
+    rows = [("config", f"{path.name}: camera {cam_name}, {Path(location).name} {size[0]}x{size[1]}, "
+                       f"{n_frames} frames, {events} events"),
+            ("models", ", ".join(f"{n} = {Path(str(m.backend.path)).name} ({m.family}, "
+                                 f"{m.input_size[0]}x{m.input_size[1]}, {m.backend.name} {m.backend.device})"
+                                 for n, m in zip(names, models.all)))]
+    for key, values in times.items():
+        if key == "total":
+            continue
+        label = {"decode": "capture: decode", "track_rules": "tracking + rules"}.get(key, key)
+        share = 100.0 * float(np.median(values)) / total if total else 0.0
+        rows.append((label, f"{_stat(values)} ({share:4.1f} % of the median frame)"))
+    rows.append(("frame, stages in sequence", f"{_stat(times['total'])} = {1000.0 / total:.1f} fps"))
+    # the threaded pipeline (capture, inference, worker overlap), as `edgecv run --fast` without MQTT
+    cams = {cam_name: cam.model_copy(update={"realtime": False, "loop": False})}
+    quiet = cfg.model_copy(update={"cameras": cams})
+    pipe = Pipeline(quiet, models, sinks=[], max_frames=n_frames)
+    t0 = time.perf_counter()
+    try:
+        pipe.start()
+        while not pipe.done:
+            time.sleep(0.01)
+    finally:
+        pipe.stop()
+    seconds = time.perf_counter() - t0
+    done = pipe.workers[cam_name].processed
+    rows.append(("pipeline end to end (threads)", f"{done} frames in {seconds:.2f} s = {done / seconds:.1f} fps"))
+    return rows
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.what == "driving":
+        rows = [("cpu cores", str(os.cpu_count())),
+                ("threads", str(args.threads) if args.threads else "runtime default")]
+        rows += bench_driving(getattr(args, "config", None), args.frames, args.threads)
+        print(_table(rows, "edgecv bench driving"))
+        return 0
     from .engine.bench import bench_model
     from .engine.registry import build_detector
     from .track import track_video

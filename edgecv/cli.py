@@ -1,4 +1,4 @@
-"""Command line: edgecv run | check | track | bench | assets."""
+"""Command line: edgecv run | check | track | bench | assets | build-engine."""
 from __future__ import annotations
 
 import argparse
@@ -36,8 +36,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             load_detector(cfg)
     except ConfigError as e:
         return _config_problems(e.problems)
-    except EdgecvError as e:
-        return _config_problems([f"model.path: {e}"])
+    except EdgecvError as e:  # errors of a model in `models` already start with their field path
+        return _config_problems([str(e) if str(e).startswith("models[") else f"model.path: {e}"])
     print(f"{args.config}: ok ({len(cfg.cameras)} camera(s): {', '.join(cfg.cameras)})")
     return EXIT_OK
 
@@ -66,6 +66,14 @@ def cmd_track(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "soak":
+        from .config import ConfigError
+        from .soak import run_soak
+
+        try:
+            return run_soak(args)
+        except ConfigError as e:
+            return _config_problems(e.problems)
     from .bench import run_bench
 
     return run_bench(args)
@@ -92,6 +100,18 @@ def cmd_assets(args: argparse.Namespace) -> int:
             status = "ok" if assets.sha256_of(path) == a.sha256 else "HASH MISMATCH"
         print(f"  {a.rel:28s} {status:9s} {path}")
     return EXIT_OK if not missing else EXIT_ERROR
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from .assets import resolve
+    from .engine.trt_build import build_engine
+
+    model = resolve(args.model) or Path(args.model)
+    result = build_engine(model, output=args.output, precision=args.precision, max_batch=args.max_batch,
+                          workspace_mb=args.workspace_mb, calib_dir=args.calib_dir, calib_batch=args.calib_batch,
+                          family=args.family)
+    print(result.path)
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,17 +142,39 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_track)
 
     b = sub.add_parser("bench", help="benchmarks, printed as a table")
-    b.add_argument("what", choices=["model", "track", "tracker", "all"])
+    b.add_argument("what", choices=["model", "track", "tracker", "all", "soak", "driving"])
+    b.add_argument("config", nargs="?", help="soak: the daemon config to run (file cameras are looped); "
+                   "driving: its config (default configs/driving.yaml)")
     b.add_argument("--model", default="models/yolox_nano.onnx")
     b.add_argument("--video", default="media/vtest.avi")
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--frames", type=int, default=300)
+    b.add_argument("--duration", type=float, default=600.0, help="soak: seconds to run (default 600)")
+    b.add_argument("--interval", type=float, default=10.0, help="soak: seconds between samples (default 10)")
+    b.add_argument("--warmup", type=float, default=None,
+                   help="soak: seconds before the growth baseline (default a quarter of --duration, at most 120)")
+    b.add_argument("--out", default=None, help="soak: also write the samples to this CSV file")
+    b.add_argument("--max-rss-mb", type=float, default=50.0, help="soak: allowed RSS growth in MB (default 50)")
+    b.add_argument("--max-threads", type=int, default=2, help="soak: allowed thread-count growth (default 2)")
+    b.add_argument("--max-fds", type=int, default=10, help="soak: allowed open-fd growth (default 10)")
     b.set_defaults(func=cmd_bench)
 
     a = sub.add_parser("assets", help="locate (and fetch) models and sample media")
     a.add_argument("--fetch", action="store_true", help="download missing known assets into the cache")
     a.add_argument("--verify", action="store_true", help="check sha256 of each found asset")
     a.set_defaults(func=cmd_assets)
+
+    e = sub.add_parser("build-engine", help="build a TensorRT engine from an ONNX model (into the engine cache)")
+    e.add_argument("model", help="ONNX model (also looked up in the assets folders)")
+    e.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"])
+    e.add_argument("--calib-dir", default=None, help="int8: folder of calibration images like the model will see")
+    e.add_argument("--calib-batch", type=int, default=8, help="int8: images per calibration batch (default 8)")
+    e.add_argument("--max-batch", type=int, default=1, help="largest batch (models with a dynamic batch; default 1)")
+    e.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT builder workspace (default 1024)")
+    e.add_argument("--family", default="auto", help="int8: model family whose preprocessing calibration uses")
+    e.add_argument("--output", default=None,
+                   help="engine file (default: the engine cache, engines/cache or $EDGECV_ENGINE_CACHE)")
+    e.set_defaults(func=cmd_build_engine)
     return p
 
 

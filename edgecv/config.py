@@ -108,6 +108,60 @@ class ReconnectConfig(_Model):
         return self
 
 
+class CollisionConfig(_Model):
+    """Forward-collision warning: time to contact from the growth of a tracked box (edgecv/analytics/driving.py)."""
+
+    enabled: bool = Field(True, description="Emit collision.warning events")
+    ttc_s: float = Field(2.0, gt=0, le=60, description="Warn when the estimated time to contact is at most this (seconds)")
+    window: int = Field(8, ge=2, le=120, description="Recent frames of a track fitted (least squares of log box size vs time)")
+    min_frames: int = Field(4, ge=2, le=120, description="Samples of the track in the window needed before a warning")
+    min_growth: float = Field(0.05, ge=0, le=10, description="Least relative growth of the box size across the window (0.05 = 5 %)")
+    scale: Literal["sqrt_area", "height", "width"] = Field("sqrt_area", description="Box size measure whose growth is fitted")
+    cooldown_s: float = Field(3.0, ge=0, description="Minimum seconds between two warnings for one track")
+    classes: Optional[list[str]] = Field(None, min_length=1, description="Only these labels (default: all)")
+    ego_path: Literal["auto", "drivable", "corridor", "either", "both"] = Field(
+        "auto", description="Which objects are in the vehicle's path: on the drivable mask, in ego_corridor, either, "
+        "both; auto: ego_corridor when given, else the drivable mask")
+    ego_corridor: Optional[list[Point]] = Field(None, description="Polygon of the vehicle's own path in source pixels (anchor inside)")
+    anchor: Literal[ANCHORS] = Field("bottom_center", description="Point of the box tested against ego_corridor")  # type: ignore[valid-type]
+    min_drivable: float = Field(0.2, gt=0, le=1, description="On the drivable mask: at least this share of the strip under the box is drivable")
+
+    @field_validator("ego_corridor")
+    @classmethod
+    def _poly(cls, v: Optional[list[Point]]) -> Optional[list[Point]]:
+        return None if v is None else _check_points(v, 3)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CollisionConfig":
+        if self.min_frames > self.window:
+            raise ValueError(f"min_frames ({self.min_frames}) must be <= window ({self.window})")
+        if self.ego_path in ("corridor", "both") and self.ego_corridor is None:
+            raise ValueError(f"ego_path {self.ego_path!r} needs an ego_corridor polygon")
+        return self
+
+    @property
+    def uses_drivable(self) -> bool:
+        """Whether the drivable mask decides (alone or with the corridor) who is in the ego path."""
+        return self.ego_path in ("drivable", "both", "either") or (self.ego_path == "auto" and self.ego_corridor is None)
+
+
+class DrivableZoneConfig(_Model):
+    """zone.enter / zone.exit with zone = the mask's name when a track gets onto / leaves the mask."""
+
+    enabled: bool = Field(True, description="Emit zone.enter / zone.exit for the drivable area")
+    mask: str = Field("drivable", min_length=1, description="Semantic class used as the zone (also the event's zone name)")
+    min_drivable: float = Field(0.2, gt=0, le=1, description="On the mask: at least this share of the strip under the box is in it")
+    classes: Optional[list[str]] = Field(None, min_length=1, description="Only these labels (default: all)")
+    min_frames: int = Field(3, ge=1, le=1000, description="Frames the new state must hold before an event (debounce)")
+    cooldown_s: float = Field(0.0, ge=0, description="Minimum seconds between two events of this rule for one track")
+    exit_on_lost: bool = Field(True, description="Emit zone.exit when a track inside the area is removed")
+
+
+class DrivingConfig(_Model):
+    collision: Optional[CollisionConfig] = Field(None, description="Forward-collision warnings (absent: off)")
+    drivable_zone: Optional[DrivableZoneConfig] = Field(None, description="Drivable-area zone events (absent: off)")
+
+
 SourceType = Literal["auto", "file", "rtsp", "stream", "v4l2", "gstreamer"]
 
 
@@ -117,6 +171,8 @@ class CameraConfig(_Model):
     realtime: bool = Field(True, description="Files: play at their own frame rate (false: as fast as possible, no drops)")
     loop: bool = Field(False, description="Files: start again at the end")
     max_fps: Optional[float] = Field(None, gt=0, le=1000, description="Process at most this many frames per second")
+    pace_fps: Optional[float] = Field(None, gt=0, le=1000, description="Files with realtime: false: read at most this "
+                                      "many frames per second, still dropping none (steady, reproducible replay)")
     open_timeout_s: float = Field(10.0, gt=0, le=600, description="Network streams: give up opening after this")
     read_timeout_s: float = Field(10.0, gt=0, le=600, description="Network streams: give up a read after this")
     stall_timeout_s: float = Field(10.0, gt=0, le=3600, description="No frame for this long: stalled, reconnect")
@@ -124,6 +180,14 @@ class CameraConfig(_Model):
     zones: dict[str, ZoneConfig] = Field(default_factory=dict, description="Polygon zones by name")
     lines: dict[str, LineConfig] = Field(default_factory=dict, description="Counting lines by name")
     objects: ObjectEventsConfig = Field(ObjectEventsConfig(), description="object.new / object.lost events")
+    driving: Optional[DrivingConfig] = Field(None, description="Dash-cam rules: collision warning, drivable-area zone")
+
+    @field_validator("pace_fps")
+    @classmethod
+    def _pace_needs_offline(cls, v: Optional[float], info: Any) -> Optional[float]:
+        if v is not None and info.data.get("realtime", False):
+            raise ValueError("needs realtime: false (realtime: true already plays a file at its own frame rate)")
+        return v
 
     @field_validator("source", mode="before")
     @classmethod
@@ -177,6 +241,13 @@ class SpoolConfig(_Model):
     max_mb: float = Field(256, gt=0, le=1_000_000, description="Bound of the spool; past it the oldest are dropped")
 
 
+class SnapshotConfig(_Model):
+    enabled: bool = Field(False, description="Publish a JPEG of an event's frame on <prefix>/<node>/<camera>/snapshot")
+    max_hz: float = Field(1.0, gt=0, le=30, description="Most snapshots per second and camera (frames with events only)")
+    quality: int = Field(80, ge=10, le=100, description="JPEG quality")
+    draw_masks: bool = Field(True, description="Draw instance masks and the drivable area / lanes when present")
+
+
 class MqttConfig(_Model):
     enabled: bool = Field(True, description="Publish to an MQTT broker (false: console only)")
     host: str = Field("localhost", min_length=1, description="Broker host name or address")
@@ -193,6 +264,7 @@ class MqttConfig(_Model):
     tracks_max_hz: float = Field(2.0, gt=0, le=100, description="Most track-list messages per second and camera")
     stats_interval_s: float = Field(10.0, gt=0, le=3600, description="Period of <prefix>/<node>/stats messages")
     spool: SpoolConfig = Field(SpoolConfig(), description="Disk spool holding events until the broker has them")
+    snapshots: SnapshotConfig = Field(SnapshotConfig(), description="Annotated JPEG snapshots of event frames (QoS 0)")
 
     @field_validator("topic_prefix")
     @classmethod
@@ -202,15 +274,27 @@ class MqttConfig(_Model):
         return v
 
 
+DETECTOR_FAMILIES = ("yolox", "yolov8", "yolov8-seg")
+SEGMENTER_FAMILIES = ("semseg",)
+
+
 class ModelConfig(_Model):
+    name: Optional[str] = Field(None, pattern=NAME_RE, description="Name in stats and messages (default: file name without extension)")
     path: str = Field(description="ONNX model (or TensorRT engine); relative paths also searched in EDGECV_ASSETS")
-    family: Literal["auto", "yolox", "yolov8"] = Field("auto", description="Output decoder; auto: from the model")
+    family: Literal["auto", "yolox", "yolov8", "yolov8-seg", "semseg"] = Field(
+        "auto", description="Output decoder: detectors yolox, yolov8, yolov8-seg (instance masks); semseg: "
+        "semantic masks (TwinLiteNet); auto: from the model")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field("auto", description="Inference runtime")
     conf: float = Field(0.35, ge=0, le=1, description="Confidence threshold")
     iou: float = Field(0.5, ge=0, le=1, description="NMS IoU threshold")
     classes: Optional[list[str]] = Field(None, min_length=1, description="Keep only these labels")
     labels: Optional[str] = Field(None, description="Labels file, one name per line (overrides the model's names)")
     threads: Optional[int] = Field(None, ge=1, le=256, description="CPU inference threads (default: runtime's choice)")
+
+
+    @property
+    def display_name(self) -> str:
+        return self.name or Path(self.path).stem or "model"
 
 
 class TrackerSection(_Model):
@@ -238,7 +322,9 @@ class Config(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging threshold (stderr)")
     mqtt: MqttConfig = MqttConfig()
     console: ConsoleConfig = ConsoleConfig()
-    model: ModelConfig
+    model: Optional[ModelConfig] = Field(None, description="The detection model (or several models in `models`)")
+    models: Optional[list[ModelConfig]] = Field(
+        None, min_length=1, description="Models run on every frame: one detector (tracked) and any semseg segmenters")
     tracker: TrackerSection = TrackerSection()
     cameras: dict[str, CameraConfig] = Field(min_length=1)
     # where the file was loaded from (for resolving relative paths); not a YAML key
@@ -255,6 +341,35 @@ class Config(_Model):
                     if not re.match(NAME_RE, rname):
                         raise ValueError(f"{name}.{kind}: name {rname!r} may only use letters, digits, '_' and '-'")
         return v
+
+    @model_validator(mode="after")
+    def _model_sections(self) -> "Config":
+        # problems are "field.path: message" (see _format_error) so that they name the field
+        if self.model is None and self.models is None:
+            raise ValueError("model: required field is missing (or give `models`, a list of model sections)")
+        if self.model is not None and self.models is not None:
+            raise ValueError("models: give either `model` or `models`, not both")
+        seen: dict[str, str] = {}
+        detectors: list[str] = []
+        for path, m in self.model_sections:
+            other = seen.setdefault(m.display_name, path)
+            if other != path:
+                raise ValueError(f"{path}.name: duplicate model name {m.display_name!r} (also {other}); set `name`")
+            if m.family in DETECTOR_FAMILIES:
+                detectors.append(path)
+        if len(detectors) > 1:
+            raise ValueError(f"{detectors[1]}.family: only one detector model is tracked ({detectors[0]} is one); "
+                             f"the others must be {', '.join(SEGMENTER_FAMILIES)}")
+        if self.models is not None and all(m.family in SEGMENTER_FAMILIES for m in self.models):
+            raise ValueError(f"models: needs one detector model ({', '.join(DETECTOR_FAMILIES)}), got only segmenters")
+        return self
+
+    @property
+    def model_sections(self) -> list[tuple[str, ModelConfig]]:
+        """(field path, section) of every model: [("model", m)] or [("models[0]", m0), ("models[1]", m1), ...]."""
+        if self.models is not None:
+            return [(f"models[{i}]", m) for i, m in enumerate(self.models)]
+        return [("model", self.model)] if self.model is not None else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +449,17 @@ def _unwrap(ann: Any) -> Any:
     for a in reversed(args):
         if isinstance(a, type) and issubclass(a, BaseModel):
             return a
+        inner = _unwrap(a) if getattr(a, "__args__", None) else None  # Optional[list[X]] -> X
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
     return args[-1]
+
+
+def _is_list(ann: Any) -> bool:
+    """list[...] or Optional[list[...]]."""
+    if get_origin(ann) is list:
+        return True
+    return get_origin(ann) is Union and any(_is_list(a) for a in get_args(ann))
 
 
 def _format_error(err: dict, root: type[BaseModel]) -> str:
@@ -342,6 +467,8 @@ def _format_error(err: dict, root: type[BaseModel]) -> str:
     path = _loc(loc) or "(top level)"
     typ = err.get("type", "")
     msg = str(err.get("msg", "invalid"))
+    if not loc and re.match(r"^(Value error, )?[A-Za-z_][\w.\[\]-]*: ", msg):  # a cross-field check naming its field
+        return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
     if typ == "extra_forbidden":
         key = str(loc[-1]) if loc else "?"
         known = _known_keys(root, loc)
@@ -423,10 +550,11 @@ def check_files(cfg: Config) -> list[str]:
     """Files the config names must exist: model, labels, TLS files, file sources."""
     problems: list[str] = []
     roots = ", ".join(str(r) for r in assets.asset_roots())
-    if resolve_path(cfg, cfg.model.path) is None:
-        problems.append(f"model.path: file not found: {cfg.model.path} (also searched {roots})")
-    if cfg.model.labels and resolve_path(cfg, cfg.model.labels) is None:
-        problems.append(f"model.labels: file not found: {cfg.model.labels}")
+    for key, model in cfg.model_sections:
+        if resolve_path(cfg, model.path) is None:
+            problems.append(f"{key}.path: file not found: {model.path} (also searched {roots})")
+        if model.labels and resolve_path(cfg, model.labels) is None:
+            problems.append(f"{key}.labels: file not found: {model.labels}")
     if cfg.mqtt.tls:
         for name in ("ca_file", "cert_file", "key_file"):
             val = getattr(cfg.mqtt.tls, name)
@@ -471,6 +599,9 @@ def reference_markdown() -> str:
                 if is_dict:
                     rows.append(f"| `{key}.<name>` | mapping of {inner.__name__} | | {desc} |")
                     walk(inner, f"{key}.<name>.")
+                elif _is_list(ann):
+                    rows.append(f"| `{key}[]` | list of {inner.__name__} | | {desc} |")
+                    walk(inner, f"{key}[].")
                 else:
                     rows.append(f"| `{key}` | section | | {desc} |")
                     walk(inner, f"{key}.")

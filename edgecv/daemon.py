@@ -8,17 +8,18 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from . import EdgecvError
-from .config import Config, ConfigError, resolve_path
+from .config import Config, ConfigError, ModelConfig, resolve_path
 from .engine.adapters import Detector
 from .engine.registry import build_detector
-from .pipeline import EventSink, Pipeline
+from .pipeline import EventSink, ModelSet, Pipeline
 from .publish.console import ConsoleSink
 from .publish.mqtt import MqttPublisher
+from .publish.snapshot import SnapshotPublisher
 from .publish.spool import Spool, SpoolError, default_spool_path
 from .types import Detections, Event, Frame
 
@@ -38,49 +39,101 @@ def setup_logging(level: str = "info") -> None:
 
 
 def load_detector(cfg: Config) -> Detector:
-    """Build the configured detector and check every class name the config uses against it."""
-    model_path = resolve_path(cfg, cfg.model.path)
-    if model_path is None:
-        raise ConfigError([f"model.path: file not found: {cfg.model.path}"])
-    labels = resolve_path(cfg, cfg.model.labels) if cfg.model.labels else None
-    detector = build_detector(model_path, family=cfg.model.family, backend=cfg.model.backend, conf=cfg.model.conf,
-                              iou=cfg.model.iou, classes=None, labels=labels, threads=cfg.model.threads)
+    """Build the configured models and return the detector (see :func:`load_models`)."""
+    return load_models(cfg).detector
+
+
+def load_models(cfg: Config) -> ModelSet:
+    """Build every configured model and check the config against them.
+
+    Exactly one detector (its boxes are tracked) and any number of segmenters; every class name the
+    config uses must be one of the detector's (a segmenter's `classes` one of its mask names); the
+    masks the driving rules need must come from a segmenter. Errors of a model in `models` start with
+    its field path (`models[1]: ...`).
+    """
+    sections = cfg.model_sections
+    detectors: list[tuple[str, ModelConfig, Detector]] = []
+    segmenters: list[tuple[str, ModelConfig, Any]] = []
+    for key, m in sections:
+        model_path = resolve_path(cfg, m.path)
+        if model_path is None:
+            raise ConfigError([f"{key}.path: file not found: {m.path}"])
+        labels = resolve_path(cfg, m.labels) if m.labels else None
+        try:
+            adapter = build_detector(model_path, family=m.family, backend=m.backend, conf=m.conf, iou=m.iou,
+                                     classes=None, labels=labels, threads=m.threads)
+        except EdgecvError as e:
+            raise EdgecvError(f"{key}: {e}" if cfg.models is not None else str(e)) from None
+        (detectors if adapter.kind == "detector" else segmenters).append((key, m, adapter))
+    if len(detectors) != 1:
+        found = ", ".join(f"{k} ({a.family})" for k, _, a in detectors + segmenters)
+        raise ConfigError([f"models: expected exactly one detector model (tracked), got {len(detectors)}: {found}"])
+    det_key, det_cfg, detector = detectors[0]
     problems: list[str] = []
     valid = set(detector.names)
+    det_name = Path(str(detector.backend.path)).name
 
     def check(field: str, classes: Optional[list[str]]) -> None:
         for c in classes or []:
             if c not in valid:
-                problems.append(f"{field}: unknown class {c!r} for model {model_path.name} "
+                problems.append(f"{field}: unknown class {c!r} for model {det_name} "
                                 f"(e.g. {', '.join(list(detector.names)[:6])}, ...)")
 
-    check("model.classes", cfg.model.classes)
+    check(f"{det_key}.classes", det_cfg.classes)
+    masks: dict[str, str] = {}  # mask name -> the model section giving it
+    for key, m, seg in segmenters:
+        unknown = [c for c in m.classes or [] if c not in seg.names]
+        for c in unknown:
+            problems.append(f"{key}.classes: unknown mask {c!r} for model {Path(m.path).name} "
+                            f"(masks: {', '.join(seg.names)})")
+        if m.classes and not unknown:
+            seg.keep = set(m.classes)
+        for name in sorted(seg.keep, key=seg.names.index):
+            if name in masks:
+                problems.append(f"{key}: mask {name!r} is also given by {masks[name]}; keep one with `classes`")
+            masks.setdefault(name, key)
     for cam_name, cam in cfg.cameras.items():
         check(f"cameras.{cam_name}.objects.classes", cam.objects.classes)
         for zname, z in cam.zones.items():
             check(f"cameras.{cam_name}.zones.{zname}.classes", z.classes)
         for lname, ln in cam.lines.items():
             check(f"cameras.{cam_name}.lines.{lname}.classes", ln.classes)
+        drv = cam.driving
+        if drv is None:
+            continue
+        have = ", ".join(masks) or "none: add a semseg model to `models`"
+        if drv.collision is not None and drv.collision.enabled:
+            c = drv.collision
+            check(f"cameras.{cam_name}.driving.collision.classes", c.classes)
+            if c.uses_drivable and "drivable" not in masks and not (c.ego_path == "either" and c.ego_corridor):
+                problems.append(f"cameras.{cam_name}.driving.collision: ego_path {c.ego_path!r} needs the 'drivable' "
+                                f"mask of a segmentation model (masks: {have}) or an ego_corridor polygon")
+        if drv.drivable_zone is not None and drv.drivable_zone.enabled:
+            z = drv.drivable_zone
+            check(f"cameras.{cam_name}.driving.drivable_zone.classes", z.classes)
+            if z.mask not in masks:
+                problems.append(f"cameras.{cam_name}.driving.drivable_zone.mask: no model gives mask {z.mask!r} "
+                                f"(masks: {have})")
     if problems:
         raise ConfigError(problems)
-    if cfg.model.classes:
-        detector.class_filter = np.asarray(detector.class_ids(cfg.model.classes), np.int32)
-    return detector
+    if det_cfg.classes:
+        detector.class_filter = np.asarray(detector.class_ids(det_cfg.classes), np.int32)
+    order = [(det_key, det_cfg)] + [(k, m) for k, m, _ in segmenters]
+    return ModelSet(detector, [s for _, _, s in segmenters], names=[m.display_name for _, m in order])
 
 
 class PublisherSink:
-    """Event sink that stores events in the spool for the MQTT sender."""
+    """Event sink that stores events in the spool for the MQTT sender.
+
+    An event the spool cannot store is published directly or counted as lost by the publisher
+    (logged in one line each, counted in the stats' `spool` section); the camera keeps running.
+    """
 
     def __init__(self, publisher: MqttPublisher) -> None:
         self.publisher = publisher
-        self.failed = 0
 
     def emit(self, event: Event) -> None:
-        try:
-            self.publisher.submit(event)
-        except SpoolError as e:
-            self.failed += 1
-            log.error("%s (event %s %s not stored)", e, event.type, event.id)
+        self.publisher.submit(event)
 
 
 class TracksPublisher:
@@ -109,12 +162,14 @@ class TracksPublisher:
 class Daemon:
     def __init__(self, cfg: Config, max_frames: Optional[int] = None, realtime: Optional[bool] = None) -> None:
         self.cfg = cfg
-        if realtime is not None:
-            cams = {n: c.model_copy(update={"realtime": realtime}) for n, c in cfg.cameras.items()}
+        if realtime is not None:  # --fast: files as fast as possible (also unpaced)
+            cams = {n: c.model_copy(update={"realtime": realtime, **({} if realtime else {"pace_fps": None})})
+                    for n, c in cfg.cameras.items()}
             self.cfg = cfg = cfg.model_copy(update={"cameras": cams})
         self.max_frames = max_frames
         self.stop_event = threading.Event()
-        self.detector = load_detector(cfg)
+        self.models = load_models(cfg)
+        self.detector = self.models.detector
         sinks: list[EventSink] = []
         if cfg.console.enabled:
             sinks.append(ConsoleSink(cfg.console.format))
@@ -131,7 +186,11 @@ class Daemon:
         on_tracks = None
         if self.publisher is not None and cfg.mqtt.publish_tracks:
             on_tracks = TracksPublisher(self.publisher, self.detector.names, cfg.mqtt.tracks_max_hz)
-        self.pipeline = Pipeline(cfg, self.detector, sinks, max_frames=max_frames, on_tracks=on_tracks)
+        on_events = None
+        if self.publisher is not None and cfg.mqtt.snapshots.enabled:
+            on_events = SnapshotPublisher(self.publisher, cfg, self.detector.names)
+        self.pipeline = Pipeline(cfg, self.models, sinks, max_frames=max_frames, on_tracks=on_tracks,
+                                 on_events=on_events)
 
     def _signal(self, signum: int, _frame: object) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -143,8 +202,8 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.cfg
-        log.info("edgecv node %s: %d camera(s), model %s (%s, %s)", cfg.node_id, len(cfg.cameras),
-                 Path(cfg.model.path).name, self.detector.family, self.detector.backend.name)
+        log.info("edgecv node %s: %d camera(s), model %s", cfg.node_id, len(cfg.cameras),
+                 ", ".join(f"{Path(str(m.backend.path)).name} ({m.family}, {m.backend.name})" for m in self.models.all))
         if self.publisher is not None:
             self.publisher.start()
         self.pipeline.start()
@@ -162,8 +221,10 @@ class Daemon:
     def publish_stats(self) -> dict:
         stats = self.pipeline.stats()
         if self.publisher is not None:
-            stats["spool"] = {"depth": self.publisher.spool.depth, "bytes": self.publisher.spool.size_bytes,
-                              "dropped": self.publisher.spool.dropped}
+            # every event is delivered, waiting (depth), dropped past the bound, or failed to be stored
+            # (then published without the spool, or lost)
+            stats["spool"] = {**self.publisher.spool.stats(), "unspooled": self.publisher.unspooled,
+                              "lost": self.publisher.lost}
             stats["mqtt"] = self.publisher.state
             self.publisher.publish_raw(self.publisher.topics.stats, json.dumps(stats, separators=(",", ":")))
         return stats
@@ -171,6 +232,8 @@ class Daemon:
     def shutdown(self) -> int:
         t0 = time.monotonic()
         self.pipeline.stop(timeout=SHUTDOWN_DEADLINE_S / 2)
+        if self.publisher is not None:  # deliver the last events first, so the final stats tell where they are
+            self.publisher.flush(max(0.2, SHUTDOWN_DEADLINE_S - 0.5 - (time.monotonic() - t0)))
         stats = self.publish_stats()
         for name, cam in stats["cameras"].items():
             log.info("camera %s: %d frames read, %d processed, %d dropped, %d events", name, cam["frames_read"],

@@ -1,9 +1,12 @@
 """Wires the stages: sources -> inference -> per-camera tracking and rules -> sinks.
 
 Threads (no unbounded queue anywhere):
-- one capture thread per camera (decode + model preprocessing, one-slot newest-frame buffer);
-- one inference thread per engine, batching frames that are ready together;
-- one worker per camera: output decoding, NMS, tracking, rules, events;
+- one capture thread per camera (decode + every model's preprocessing, one-slot newest-frame buffer);
+- one inference thread, batching frames that are ready together and running every model on them
+  (the detector, then each segmenter) before handing the frame on: a frame is complete or not at all,
+  and the one-slot buffers and bounded worker queues keep their backpressure;
+- one worker per camera: output decoding (boxes, instance masks, semantic masks), NMS, tracking, rules,
+  events, snapshots;
 - paho's network thread and the spool sender (publish/).
 """
 from __future__ import annotations
@@ -21,13 +24,15 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
+from .analytics.driving import CollisionRule, MaskZoneRule
 from .analytics.rules import FrameContext, LineRule, ObjectRule, Removed, Rule, ZoneRule
 from .config import CameraConfig, Config, resolve_path
-from .engine.adapters import Detector, Letterbox
+from .engine.adapters import Detector
+from .engine.segmentation import SemanticSegmenter
 from .sources.base import Source
 from .sources.capture import make_source
 from .tracking.bytetrack import ByteTracker, TrackerConfig
-from .types import Detections, Event, Frame
+from .types import Detections, Event, Frame, SemanticMasks
 
 log = logging.getLogger("edgecv.pipeline")
 
@@ -38,11 +43,49 @@ class EventSink(Protocol):
 
 @dataclass(frozen=True)
 class Prepared:
-    """A frame with the model input made from it on the capture thread."""
+    """A frame with every model's input made from it on the capture thread."""
 
     frame: Frame
-    tensor: np.ndarray  # C x H x W, ready for the engine
-    box: Letterbox
+    tensors: tuple[np.ndarray, ...]  # C x H x W per model (ModelSet order), ready for the engines
+    boxes: tuple[Any, ...]  # per model: its adapter's placement (Letterbox, InputRegion), handed to postprocess
+    prep_ms: float = 0.0  # time spent preprocessing (all models)
+
+    @property
+    def tensor(self) -> np.ndarray:
+        return self.tensors[0]
+
+    @property
+    def box(self) -> Any:
+        return self.boxes[0]
+
+
+class ModelSet:
+    """The models run on every frame: one detector (first; its boxes are tracked) and any segmenters."""
+
+    def __init__(self, detector: Detector, segmenters: Sequence[SemanticSegmenter] = (),
+                 names: Optional[Sequence[str]] = None) -> None:
+        self.detector = detector
+        self.segmenters = list(segmenters)
+        self.all: list[Any] = [detector, *self.segmenters]
+        self.names = list(names) if names is not None else [Path(str(m.backend.path)).stem for m in self.all]
+        if len(self.names) != len(self.all) or len(set(self.names)) != len(self.names):
+            raise ValueError(f"ModelSet: expected {len(self.all)} distinct model names, got {self.names}")
+        self.max_batch = max(1, min(m.backend.max_batch for m in self.all))
+
+    def prepare(self, frame: Frame) -> Prepared:
+        """Every model's input for one frame (runs on the capture thread)."""
+        t0 = time.perf_counter()
+        made = [m.preprocess(frame.image) for m in self.all]
+        return Prepared(frame, tuple(t for t, _ in made), tuple(b for _, b in made),
+                        (time.perf_counter() - t0) * 1000)
+
+    def decode(self, prepared: Prepared, outputs: Sequence[list[np.ndarray]]) -> tuple[Detections, Optional[SemanticMasks]]:
+        """The detector's Detections and the segmenters' merged masks for one frame's outputs."""
+        dets = self.detector.postprocess(outputs[0], [prepared.boxes[0]])[0]
+        if not self.segmenters:
+            return dets, None
+        parts = [seg.postprocess(outputs[j], [prepared.boxes[j]])[0] for j, seg in enumerate(self.segmenters, 1)]
+        return dets, SemanticMasks.merge(parts)
 
 
 class LatencyWindow:
@@ -72,6 +115,15 @@ def build_rules(cam: CameraConfig, detector: Detector) -> list[Rule]:
                               z.loiter_s, z.exit_on_lost))
     for name, ln in cam.lines.items():
         rules.append(LineRule(name, ln.points, ln.anchor, ids(ln.classes), ln.min_frames, ln.cooldown_s))
+    drv = cam.driving
+    if drv is not None and drv.collision is not None and drv.collision.enabled:
+        c = drv.collision
+        rules.append(CollisionRule(c.ttc_s, c.window, c.min_frames, c.min_growth, c.scale, c.cooldown_s,
+                                   ids(c.classes), c.ego_path, c.ego_corridor, c.anchor, c.min_drivable))
+    if drv is not None and drv.drivable_zone is not None and drv.drivable_zone.enabled:
+        z = drv.drivable_zone
+        rules.append(MaskZoneRule(z.mask, ids(z.classes), z.min_frames, z.cooldown_s, z.exit_on_lost,
+                                  z.min_drivable))
     return rules
 
 
@@ -87,16 +139,31 @@ def stream_epoch(source: Source) -> str:
     return f"{time.time():.6f}"
 
 
-class CameraWorker:
-    """Per camera: decode model outputs, track, run the rules, emit events."""
+EventsHook = Callable[[Frame, Detections, Optional[SemanticMasks], list[Event]], None]
 
-    def __init__(self, name: str, node: str, source: Source, detector: Detector,
+
+class CameraWorker:
+    """Per camera: decode model outputs, track, run the rules, emit events.
+
+    ``models``: a :class:`ModelSet` (or a bare detector). ``on_events(frame, tracks, semantic, events)``
+    runs after the events of a frame were handed to the sinks (snapshots); its errors are logged, once.
+    """
+
+    def __init__(self, name: str, node: str, source: Source, models: Any,
                  make_tracker: Callable[[float], ByteTracker], rules: Sequence[Rule], sinks: Sequence[EventSink],
-                 on_tracks: Optional[Callable[[Frame, Detections], None]] = None, queue_size: int = 8) -> None:
+                 on_tracks: Optional[Callable[[Frame, Detections], None]] = None, queue_size: int = 8,
+                 on_events: Optional[EventsHook] = None) -> None:
         self.name = name
         self.node = node
         self.source = source
-        self.detector = detector
+        self.models: ModelSet = models if isinstance(models, ModelSet) else ModelSet(models)
+        self.detector = self.models.detector
+        self.on_events = on_events
+        self._hook_error: Optional[str] = None
+        self.model_frames = {n: 0 for n in self.models.names}  # frames each model's output was decoded for
+        self.prep_ms = LatencyWindow()
+        self.decode_ms = LatencyWindow()
+        self.rules_ms = LatencyWindow()
         self.make_tracker = make_tracker
         self.tracker: Optional[ByteTracker] = None  # made on the first frame, once the source's fps is known
         self.rules = list(rules)
@@ -135,10 +202,23 @@ class CameraWorker:
                     log.exception(msg)
                 self.error = msg
 
-    def process(self, prepared: Prepared, outputs: list[np.ndarray]) -> None:
+    def process(self, prepared: Prepared, outputs: Sequence[list[np.ndarray]]) -> None:
+        """One frame: ``outputs`` holds each model's outputs (ModelSet order) for this frame only."""
         t0 = time.perf_counter()
         frame = prepared.frame
-        dets = self.detector.postprocess(outputs, [prepared.box])[0]
+        dets, semantic = self.models.decode(prepared, outputs)
+        for n in self.model_frames:
+            self.model_frames[n] += 1
+        t1 = time.perf_counter()
+        self.handle(frame, dets, semantic)
+        self.prep_ms.add(prepared.prep_ms)
+        self.decode_ms.add((t1 - t0) * 1000)
+        self.post_ms.add((time.perf_counter() - t0) * 1000)
+        self.latency.add((time.monotonic() - frame.t_mono) * 1000)
+
+    def handle(self, frame: Frame, dets: Detections, semantic: Optional[SemanticMasks]) -> list[Event]:
+        """Track, run the rules and emit the events of one decoded frame; returns the events."""
+        t1 = time.perf_counter()
         if self.tracker is None:
             self.tracker = self.make_tracker(self.source.fps or self.source.cfg.max_fps or 15.0)
         skipped = max(0, frame.index - self._last_index - 1) if self._last_index else 0
@@ -149,32 +229,47 @@ class CameraWorker:
         removed = [Removed(e.track_id, e.class_id, e.score, e.xyxy) for e in self.tracker.events if e.kind == "removed"]
         fps = self.source.fps
         t = (frame.index - 1) / fps if (self.source.cfg.kind == "file" and fps) else frame.t_mono
+        areas = tracks.data.get("mask_area")
+        mask_areas = {} if areas is None or tracks.track_id is None else dict(
+            zip(tracks.track_id.tolist(), areas.tolist()))
         ctx = FrameContext(self.node, self.name, frame.index, frame.t_wall, t, frame.size, self.detector.names,
-                           self.epoch)
+                           self.epoch, semantic, mask_areas)
         events: list[Event] = []
         for rule in self.rules:
             events.extend(rule.update(ctx, tracks, removed))
+        t2 = time.perf_counter()
         if self.on_tracks is not None:
             self.on_tracks(frame, tracks)
         for ev in events:
             for sink in self.sinks:
                 sink.emit(ev)
+        if events and self.on_events is not None:
+            try:
+                self.on_events(frame, tracks, semantic, events)
+            except Exception as e:  # a snapshot must never cost the camera its events
+                msg = f"camera {self.name}: event hook failed: {type(e).__name__}: {e}"
+                if msg != self._hook_error:
+                    log.exception(msg)
+                self._hook_error = msg
         self.events += len(events)
         self.processed += 1
-        self.post_ms.add((time.perf_counter() - t0) * 1000)
-        self.latency.add((time.monotonic() - frame.t_mono) * 1000)
+        self.rules_ms.add((t2 - t1) * 1000)
+        return events
 
 
 class InferenceWorker:
-    """One thread per engine: takes ready frames from every camera, infers in batches, hands results on."""
+    """The inference thread: takes ready frames from every camera, runs every model on them in batches,
+    hands each frame with all its models' outputs to its camera worker."""
 
-    def __init__(self, detector: Detector, workers: dict[str, CameraWorker], notify: threading.Event,
+    def __init__(self, models: Any, workers: dict[str, CameraWorker], notify: threading.Event,
                  max_frames: Optional[int] = None) -> None:
-        self.detector = detector
+        self.models: ModelSet = models if isinstance(models, ModelSet) else ModelSet(models)
+        self.detector = self.models.detector
         self.workers = workers
         self.notify = notify
         self.max_frames = max_frames
-        self.infer_ms = LatencyWindow()
+        self.infer_ms = LatencyWindow()  # all models, per frame
+        self.model_ms = {n: LatencyWindow() for n in self.models.names}  # per model, per frame
         self.frames = 0
         self._counts = {name: 0 for name in workers}
         self._stop = threading.Event()
@@ -213,7 +308,7 @@ class InferenceWorker:
         return True
 
     def _run(self) -> None:
-        backend = self.detector.backend
+        step = self.models.max_batch
         try:
             while True:
                 ready = self._collect()
@@ -223,16 +318,22 @@ class InferenceWorker:
                     self.notify.wait(0.05)
                     self.notify.clear()
                     continue
-                for start in range(0, len(ready), max(1, backend.max_batch)):
-                    chunk = ready[start:start + max(1, backend.max_batch)]
-                    batch = np.stack([p.tensor for _, p in chunk])
-                    t0 = time.perf_counter()
-                    outputs = backend.infer(batch)
-                    self.infer_ms.add((time.perf_counter() - t0) * 1000 / len(chunk))
+                for start in range(0, len(ready), step):
+                    chunk = ready[start:start + step]
+                    per_model: list[list[np.ndarray]] = []
+                    total = 0.0
+                    for j, (name, model) in enumerate(zip(self.models.names, self.models.all)):
+                        batch = np.stack([p.tensors[j] for _, p in chunk])
+                        t0 = time.perf_counter()
+                        per_model.append(model.backend.infer(batch))
+                        ms = (time.perf_counter() - t0) * 1000 / len(chunk)
+                        self.model_ms[name].add(ms)
+                        total += ms
+                    self.infer_ms.add(total)
                     for i, (w, p) in enumerate(chunk):
                         self._counts[w.name] += 1
                         self.frames += 1
-                        w.queue.put((p, [o[i:i + 1] for o in outputs]))
+                        w.queue.put((p, [[o[i:i + 1] for o in outputs] for outputs in per_model]))
         except Exception as e:
             self.error = f"inference failed: {type(e).__name__}: {e}"
             log.error(self.error)
@@ -241,25 +342,30 @@ class InferenceWorker:
 class Pipeline:
     """Everything between the sources and the sinks, for one config."""
 
-    def __init__(self, cfg: Config, detector: Detector, sinks: Sequence[EventSink],
+    def __init__(self, cfg: Config, detector: Any, sinks: Sequence[EventSink],
                  max_frames: Optional[int] = None,
                  on_tracks: Optional[Callable[[str, Frame, Detections], None]] = None,
-                 on_state: Optional[Callable[[str, str, str], None]] = None) -> None:
+                 on_state: Optional[Callable[[str, str, str], None]] = None,
+                 on_events: Optional[Callable[[str, Frame, Detections, Optional[SemanticMasks], list[Event]], None]] = None,
+                 ) -> None:
+        """``detector``: a :class:`ModelSet` (detector + segmenters) or a bare detector."""
         self.cfg = cfg
-        self.detector = detector
+        self.models = detector if isinstance(detector, ModelSet) else ModelSet(detector)
+        self.detector = self.models.detector
         self.notify = threading.Event()
         self.sources: dict[str, Source] = {}
         self.workers: dict[str, CameraWorker] = {}
         for name, cam in cfg.cameras.items():
             location = str(resolve_path(cfg, str(cam.source)) or cam.source) if cam.kind == "file" else str(cam.source)
             src = make_source(name, cam, location, on_state)
-            src.prepare = lambda f, _d=detector: Prepared(f, *_d.preprocess(f.image))
+            src.prepare = self.models.prepare
             src.notify = self.notify
             cb = (lambda f, t, _n=name: on_tracks(_n, f, t)) if on_tracks else None
+            ev = (lambda f, t, s, e, _n=name: on_events(_n, f, t, s, e)) if on_events else None
             self.sources[name] = src
-            self.workers[name] = CameraWorker(name, cfg.node_id, src, detector, self._tracker_factory,
-                                              build_rules(cam, detector), sinks, cb)
-        self.inference = InferenceWorker(detector, self.workers, self.notify, max_frames)
+            self.workers[name] = CameraWorker(name, cfg.node_id, src, self.models, self._tracker_factory,
+                                              build_rules(cam, self.detector), sinks, cb, on_events=ev)
+        self.inference = InferenceWorker(self.models, self.workers, self.notify, max_frames)
         self.started_at = 0.0
 
     def _tracker_factory(self, fps: float) -> ByteTracker:
@@ -319,7 +425,11 @@ class Pipeline:
                 "events": w.events,
                 "latency_ms": w.latency.percentiles(),
                 "post_ms": w.post_ms.percentiles(),
+                "stage_ms": {"preprocess": w.prep_ms.percentiles(), "decode": w.decode_ms.percentiles(),
+                             "track_rules": w.rules_ms.percentiles()},
+                "models": dict(w.model_frames),
             }
         return {"cameras": cams, "inference_ms": self.inference.infer_ms.percentiles(),
+                "inference_ms_by_model": {n: m.percentiles() for n, m in self.inference.model_ms.items()},
                 "uptime_s": round(elapsed, 1), "threads": threading.active_count(),
                 "pid": os.getpid()}

@@ -51,5 +51,7 @@ EVENT_JSON_SCHEMA: dict[str, Any] = {
          "then": {"required": ["object", "zone"]}},
         {"if": {"properties": {"type": {"pattern": "^object\\."}}},
          "then": {"required": ["object"]}},
+        {"if": {"properties": {"type": {"const": "collision.warning"}}},
+         "then": {"required": ["object", "ttc_s"]}},
     ],
 }

@@ -143,6 +143,59 @@ def box_anchors(xyxy: np.ndarray, anchor: str = "bottom_center") -> np.ndarray:
     return np.stack([x, y], axis=1).astype(np.float32)
 
 
+class SemanticMasks:
+    """Per-class boolean masks of one frame at source resolution (semantic segmentation).
+
+    ``masks`` maps a class name ("drivable", "lane", ...) to an (H, W) bool array of the frame's
+    size. Produced by the ``semseg`` adapter, merged across segmentation models by the pipeline and
+    handed to the rules in ``FrameContext.semantic`` (and to snapshots). Treat it as read-only.
+    """
+
+    __slots__ = ("masks", "size")
+
+    def __init__(self, masks: Mapping[str, np.ndarray]) -> None:
+        self.masks: dict[str, np.ndarray] = {str(k): np.asarray(v, dtype=bool) for k, v in masks.items()}
+        shapes = {m.shape for m in self.masks.values()}
+        if any(len(s) != 2 for s in shapes) or len(shapes) > 1:
+            raise ValueError(f"SemanticMasks: expected (H, W) masks of one size, got {sorted(shapes)}")
+        h, w = next(iter(shapes)) if shapes else (0, 0)
+        self.size: tuple[int, int] = (int(w), int(h))  # (width, height)
+
+    @classmethod
+    def merge(cls, parts: Iterable["SemanticMasks"]) -> "SemanticMasks":
+        """One set of masks from several models; a class name given by two models is an error."""
+        out: dict[str, np.ndarray] = {}
+        for part in parts:
+            for name, mask in part.masks.items():
+                if name in out:
+                    raise ValueError(f"SemanticMasks.merge: class {name!r} comes from two models")
+                out[name] = mask
+        return cls(out)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.masks
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.masks[name]
+
+    def get(self, name: str) -> Optional[np.ndarray]:
+        return self.masks.get(name)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.masks)
+
+    def fraction(self, name: str) -> float:
+        """Share of the frame's pixels in class ``name`` (0..1)."""
+        m = self.masks[name]
+        return float(m.mean()) if m.size else 0.0
+
+    def __repr__(self) -> str:
+        w, h = self.size
+        parts = ", ".join(f"{n}={self.fraction(n):.1%}" for n in self.masks)
+        return f"SemanticMasks({w}x{h}: {parts})"
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     track_id: int
@@ -151,9 +204,10 @@ class ObjectInfo:
     score: float
     bbox: tuple[float, float, float, float]
     frame_size: tuple[int, int]
+    mask_area: Optional[float] = None  # pixels of the instance mask (instance segmentation models only)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "track_id": int(self.track_id),
             "label": self.label,
             "class_id": int(self.class_id),
@@ -161,6 +215,9 @@ class ObjectInfo:
             "bbox": [round(float(v), 1) for v in self.bbox],
             "frame_size": [int(self.frame_size[0]), int(self.frame_size[1])],
         }
+        if self.mask_area is not None:
+            out["mask_area"] = int(round(float(self.mask_area)))
+        return out
 
 
 @dataclass(frozen=True, slots=True)

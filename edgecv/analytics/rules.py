@@ -7,12 +7,12 @@ and an optional per-track cooldown.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
 
-from ..types import Detections, Event, ObjectInfo
+from ..types import Detections, Event, ObjectInfo, SemanticMasks
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class FrameContext:
     frame_size: tuple[int, int]
     names: Sequence[str]
     epoch: str = ""
+    semantic: Optional[SemanticMasks] = None  # masks of semantic segmentation models for this frame (if any)
+    mask_areas: Mapping[int, float] = field(default_factory=dict)  # track id -> instance mask pixels (seg models)
 
     def label(self, class_id: int) -> str:
         return self.names[class_id] if 0 <= class_id < len(self.names) else str(class_id)
@@ -36,7 +38,8 @@ class FrameContext:
         w, h = self.frame_size
         x1, y1, x2, y2 = (float(v) for v in xyxy)
         box = (min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h))
-        return ObjectInfo(int(track_id), self.label(int(class_id)), int(class_id), float(score), box, self.frame_size)
+        return ObjectInfo(int(track_id), self.label(int(class_id)), int(class_id), float(score), box, self.frame_size,
+                          self.mask_areas.get(int(track_id)))
 
     def event(self, type_: str, obj: Optional[ObjectInfo], rule: str = "", **fields: Any) -> Event:
         return Event(type_, self.node, self.camera, self.frame, self.captured_at, obj, fields,
@@ -122,6 +125,10 @@ class ZoneRule(Rule):
         return np.array([cv2.pointPolygonTest(self.polygon, (float(x), float(y)), False) >= 0
                          for x, y in points], dtype=bool)
 
+    def inside(self, ctx: FrameContext, tracks: Detections) -> np.ndarray:
+        """Boolean per track: is it in the zone this frame (subclasses may use other geometry)."""
+        return self.contains(tracks.anchors(self.anchor))
+
     @property
     def occupancy(self) -> int:
         return sum(1 for s in self._state.values() if s.inside)
@@ -135,7 +142,7 @@ class ZoneRule(Rule):
         if len(tracks):
             keep = np.array([self.wants(c) for c in tracks.class_id], dtype=bool)
             sel = tracks[keep]
-            inside = self.contains(sel.anchors(self.anchor)) if len(sel) else np.zeros(0, bool)
+            inside = self.inside(ctx, sel) if len(sel) else np.zeros(0, bool)
             for i in range(len(sel)):
                 tid = int(sel.track_id[i])
                 st = self._state.setdefault(tid, _ZoneState())

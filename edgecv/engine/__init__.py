@@ -11,6 +11,7 @@ from edgecv.engine.backend import Backend, OnnxRuntimeBackend
 from edgecv.engine.bench import bench_model
 from edgecv.engine.coco import COCO_NAMES
 from edgecv.engine.registry import BACKENDS, FAMILIES, build_detector, infer_family, load_labels, open_backend
+from edgecv.engine.segmentation import SemanticSegmenter, Yolov8SegDetector
 
 __all__ = [
     "BACKENDS",
@@ -20,7 +21,9 @@ __all__ = [
     "Detector",
     "Letterbox",
     "OnnxRuntimeBackend",
+    "SemanticSegmenter",
     "Yolov8Detector",
+    "Yolov8SegDetector",
     "YoloxDetector",
     "bench_model",
     "build_detector",

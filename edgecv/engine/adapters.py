@@ -101,6 +101,8 @@ class Detector(abc.ABC):
 
     family: ClassVar[str]
     expected_output: ClassVar[str]  # the output signature, for messages
+    kind: ClassVar[str] = "detector"  # boxes that get tracked (segmenters: "segmenter")
+    num_outputs: ClassVar[int] = 1  # output tensors the family expects
     _center: ClassVar[bool]  # letterbox placement: centred or top-left
     _rgb: ClassVar[bool]  # model wants RGB (else BGR)
     _scale: ClassVar[float]  # pixel value multiplier (1/255 for 0-1 input)
@@ -124,9 +126,10 @@ class Detector(abc.ABC):
         self.iou = float(iou)
         self.max_det = int(max_det)
         self.input_size: tuple[int, int] = model_input_size(backend)
-        if len(backend.output_names) != 1:
+        if len(backend.output_names) != self.num_outputs:
             raise EdgecvError(
-                f"model {backend.path}: family {self.family!r} expects 1 output, "
+                f"model {backend.path}: family {self.family!r} expects {self.num_outputs} "
+                f"output{'s' if self.num_outputs > 1 else ''}, "
                 f"got {len(backend.output_names)} ({', '.join(backend.output_names)})"
             )
         self.num_classes = self._check_output(model_output_shape(backend, self.input_size))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,11 +12,20 @@ from edgecv import EdgecvError
 from edgecv.assets import resolve
 from edgecv.engine.adapters import Detector, Yolov8Detector, YoloxDetector, model_input_size, model_output_shape
 from edgecv.engine.backend import Backend, OnnxRuntimeBackend, format_shape
+from edgecv.engine.segmentation import SemanticSegmenter, Yolov8SegDetector, model_output_shapes
 
-FAMILIES: dict[str, type[Detector]] = {
+Adapter = Union[Detector, SemanticSegmenter]
+"""A loaded model: a detector (``kind == "detector"``, boxes that get tracked) or a segmenter."""
+
+FAMILIES: dict[str, type] = {
     YoloxDetector.family: YoloxDetector,
     Yolov8Detector.family: Yolov8Detector,
+    Yolov8SegDetector.family: Yolov8SegDetector,
+    SemanticSegmenter.family: SemanticSegmenter,
 }
+DETECTOR_FAMILIES: tuple[str, ...] = tuple(name for name, cls in FAMILIES.items() if cls.kind == "detector")
+SEGMENTER_FAMILIES: tuple[str, ...] = tuple(name for name, cls in FAMILIES.items() if cls.kind == "segmenter")
+ULTRALYTICS_TASKS: dict[str, str] = {"detect": Yolov8Detector.family, "segment": Yolov8SegDetector.family}
 BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "tensorrt")
 
 PathLike = Union[str, os.PathLike]
@@ -24,16 +34,29 @@ PathLike = Union[str, os.PathLike]
 def infer_family(backend: Backend) -> str:
     """Guess the adapter family from metadata, else from the output shape.
 
-    Ultralytics metadata (author, or names + task) means ``yolov8`` (task must be
-    ``detect``); otherwise one output (1, 4+C, N) with N > 4+C means ``yolov8`` and
-    (1, N, 5+C) with N > 5+C means ``yolox``. Anything else asks for ``family``.
+    Ultralytics metadata (author, or names + task) means ``yolov8`` for task ``detect`` and
+    ``yolov8-seg`` for ``segment``; otherwise one output (1, 4+C, N) with N > 4+C means
+    ``yolov8``, (1, N, 5+C) with N > 5+C means ``yolox``; two outputs (1, 4+C+M, N) and
+    (1, M, h, w) mean ``yolov8-seg``; only outputs (1, K, h, w) with 2 <= K <= 255 mean
+    ``semseg``. Anything else asks for ``family``.
     """
     meta = backend.metadata
     if meta.get("author", "").startswith("Ultralytics") or ("names" in meta and "task" in meta):
         task = meta.get("task", "detect")
-        if task != "detect":
-            raise EdgecvError(f"model {backend.path}: Ultralytics task {task!r} is not supported; supported: detect")
-        return Yolov8Detector.family
+        if task not in ULTRALYTICS_TASKS:
+            raise EdgecvError(f"model {backend.path}: Ultralytics task {task!r} is not supported; "
+                              f"supported: {', '.join(ULTRALYTICS_TASKS)}")
+        return ULTRALYTICS_TASKS[task]
+    if len(backend.output_names) >= 2:
+        shapes = model_output_shapes(backend, model_input_size(backend))
+        ranks = sorted(len(s) for s in shapes)
+        if ranks == [3, 4]:
+            det = next(s for s in shapes if len(s) == 3)
+            proto = next(s for s in shapes if len(s) == 4)
+            if det[0] == 1 and proto[0] == 1 and det[2] > det[1] >= 5 + proto[1]:
+                return Yolov8SegDetector.family
+        if all(len(s) == 4 and s[0] == 1 and 2 <= s[1] <= 255 for s in shapes):
+            return SemanticSegmenter.family
     if len(backend.output_names) == 1:
         shape = model_output_shape(backend, model_input_size(backend))
         if len(shape) == 3 and shape[0] == 1:
@@ -42,6 +65,8 @@ def infer_family(backend: Backend) -> str:
                 return Yolov8Detector.family
             if cols >= 6 and rows > cols:
                 return YoloxDetector.family
+        if len(shape) == 4 and shape[0] == 1 and 2 <= shape[1] <= 255:
+            return SemanticSegmenter.family
     shapes = ", ".join(format_shape(s) for s in backend.output_shapes)
     hints = "; ".join(f"{name}: output {cls.expected_output}" for name, cls in FAMILIES.items())
     raise EdgecvError(
@@ -69,9 +94,14 @@ def open_backend(path: PathLike, backend: str = "auto", threads: Optional[int] =
     """Load a model with the named backend; a bare name is also looked up in the assets folders."""
     if backend not in BACKENDS:
         raise EdgecvError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "tensorrt":
-        raise EdgecvError("backend 'tensorrt' is not available in this build of edgecv; use 'onnxruntime' or 'auto'")
-    return OnnxRuntimeBackend(resolve(path) or Path(path), threads=threads)
+    from edgecv.engine.tensorrt import choose_backend, open_tensorrt  # imports tensorrt/pycuda only to probe
+
+    model = resolve(path) or Path(path)
+    chosen, reason = choose_backend(backend, model)
+    logging.getLogger("edgecv.engine").info("backend %s for %s (%s)", chosen, Path(model).name, reason)
+    if chosen == "tensorrt":
+        return open_tensorrt(model)
+    return OnnxRuntimeBackend(model, threads=threads)
 
 
 def build_detector(
@@ -84,8 +114,8 @@ def build_detector(
     labels: Optional[Union[PathLike, Sequence[str]]] = None,
     threads: Optional[int] = None,
     max_det: int = 300,
-) -> Detector:
-    """Load a detection model and wrap it in its family's adapter.
+) -> Adapter:
+    """Load a model and wrap it in its family's adapter (a detector, or a segmenter for ``semseg``).
 
     ``family``: "auto" (see :func:`infer_family`) or a key of :data:`FAMILIES`; an explicit
     family is checked against the model's output. ``labels``: a labels file (one name per
@@ -100,4 +130,7 @@ def build_detector(
         names = list(labels)
     engine = open_backend(path, backend, threads)
     chosen = infer_family(engine) if family == "auto" else family
-    return FAMILIES[chosen](engine, conf=conf, iou=iou, classes=classes, names=names, max_det=max_det)
+    adapter = FAMILIES[chosen](engine, conf=conf, iou=iou, classes=classes, names=names, max_det=max_det)
+    if engine.name == "tensorrt":
+        engine.attach_preprocessor(adapter)  # GPU letterbox kernel (logs why not, and keeps the CPU path)
+    return adapter
