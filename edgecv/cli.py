@@ -6,7 +6,6 @@ import faulthandler
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -49,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config)
         realtime = False if args.fast else None
-        return run(cfg, max_frames=args.max_frames, realtime=realtime)
+        return run(cfg, max_frames=args.max_frames, realtime=realtime, config_path=args.config)
     except ConfigError as e:
         return _config_problems(e.problems)
 

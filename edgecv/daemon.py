@@ -14,9 +14,10 @@ import numpy as np
 
 from . import EdgecvError
 from .config import Config, ConfigError, ModelConfig, resolve_path
+from .config import load as load_config
 from .engine.adapters import Detector
 from .engine.registry import build_detector
-from .pipeline import EventSink, ModelSet, Pipeline
+from .pipeline import EventSink, ModelSet, Pipeline, build_rules, tracker_config
 from .publish.console import ConsoleSink
 from .publish.mqtt import MqttPublisher
 from .publish.snapshot import SnapshotPublisher
@@ -160,14 +161,14 @@ class TracksPublisher:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, max_frames: Optional[int] = None, realtime: Optional[bool] = None) -> None:
-        self.cfg = cfg
-        if realtime is not None:  # --fast: files as fast as possible (also unpaced)
-            cams = {n: c.model_copy(update={"realtime": realtime, **({} if realtime else {"pace_fps": None})})
-                    for n, c in cfg.cameras.items()}
-            self.cfg = cfg = cfg.model_copy(update={"cameras": cams})
+    def __init__(self, cfg: Config, max_frames: Optional[int] = None, realtime: Optional[bool] = None,
+                 config_path: Optional[str] = None) -> None:
+        self.realtime = realtime
+        self.config_path = config_path
+        self.cfg = cfg = self._override(cfg)
         self.max_frames = max_frames
         self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
         self.models = load_models(cfg)
         self.detector = self.models.detector
         sinks: list[EventSink] = []
@@ -192,13 +193,92 @@ class Daemon:
         self.pipeline = Pipeline(cfg, self.models, sinks, max_frames=max_frames, on_tracks=on_tracks,
                                  on_events=on_events)
 
+    def _override(self, cfg: Config) -> Config:
+        """Apply command-line overrides (--fast: files as fast as possible, also unpaced)."""
+        if self.realtime is None:
+            return cfg
+        update = {"realtime": self.realtime, **({} if self.realtime else {"pace_fps": None})}
+        return cfg.model_copy(update={"cameras": {n: c.model_copy(update=update) for n, c in cfg.cameras.items()}})
+
     def _signal(self, signum: int, _frame: object) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)
         self.stop_event.set()
 
+    def _hup(self, _signum: int, _frame: object) -> None:
+        self.reload_event.set()
+
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._signal)
         signal.signal(signal.SIGINT, self._signal)
+        if self.config_path is not None and hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, self._hup)
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the config file; apply rule, tracker and model-threshold changes to the running
+        cameras without restarting their sources. An invalid file is rejected and the running config kept.
+        Changes that need new sources, models or a new broker connection are reported, not applied."""
+        assert self.config_path is not None
+        log.info("received SIGHUP: reloading %s", self.config_path)
+        try:
+            new = self._override(load_config(self.config_path))
+            rules = {name: build_rules(cam, self.detector) for name, cam in new.cameras.items()
+                     if name in self.pipeline.workers}
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("reload rejected: %s", problem)
+            log.error("reload rejected: keeping the running config")
+            return False
+        except EdgecvError as e:
+            log.error("reload rejected: %s; keeping the running config", e)
+            return False
+        old = self.cfg
+        applied: list[str] = []
+        needs_restart: list[str] = []
+        rule_keys = {"zones", "lines", "objects", "driving"}
+        for name, cam in new.cameras.items():
+            prev = old.cameras.get(name)
+            if prev is None:
+                needs_restart.append(f"new camera {name}")
+                continue
+            if prev.model_dump(exclude=rule_keys) != cam.model_dump(exclude=rule_keys):
+                needs_restart.append(f"cameras.{name} source settings")
+            if prev.model_dump(include=rule_keys) != cam.model_dump(include=rule_keys):
+                self.pipeline.workers[name].reconfigure(rules=rules[name])
+                applied.append(f"cameras.{name} rules")
+        needs_restart += [f"removed camera {n}" for n in old.cameras if n not in new.cameras]
+        if new.tracker != old.tracker:
+            tcfg = tracker_config(new, 1.0)  # each worker keeps its own frame rate
+            for w in self.pipeline.workers.values():
+                w.reconfigure(tracker_config=tcfg)
+            applied.append("tracker")
+        live = {"conf", "iou", "classes"}
+        old_models, new_models = old.model_sections, new.model_sections
+        if [(k, m.model_dump(exclude=live)) for k, m in old_models] != [(k, m.model_dump(exclude=live)) for k, m in new_models]:
+            needs_restart.append("models")
+        else:
+            det_key = next(k for (k, _), a in zip(old_models, self.models.all) if a is self.detector)
+            m = dict(new_models)[det_key]
+            if m.model_dump(include=live) != dict(old_models)[det_key].model_dump(include=live):
+                self.detector.conf, self.detector.iou = m.conf, m.iou
+                self.detector.class_filter = (np.asarray(self.detector.class_ids(m.classes), np.int32)
+                                              if m.classes else None)
+                applied.append(f"{det_key} thresholds")
+        for section in ("node_id", "mqtt", "console", "log_level"):
+            if getattr(new, section) != getattr(old, section):
+                needs_restart.append(section)
+        # what was applied is now the running config; the rest keeps its running values until a restart
+        cameras = dict(old.cameras)
+        for n, c in new.cameras.items():
+            if n in cameras:
+                cameras[n] = cameras[n].model_copy(update={k: getattr(c, k) for k in rule_keys})
+        update: dict[str, Any] = {"tracker": new.tracker, "cameras": cameras}
+        if "models" not in needs_restart:
+            update.update(model=new.model, models=new.models)
+        self.cfg = old.model_copy(update=update)
+        log.info("reload: applied %s", ", ".join(applied) if applied else "nothing (no change)")
+        if needs_restart:
+            log.warning("reload: not applied until a restart: %s", ", ".join(needs_restart))
+        return True
 
     def run(self) -> int:
         cfg = self.cfg
@@ -209,6 +289,9 @@ class Daemon:
         self.pipeline.start()
         next_stats = time.monotonic() + cfg.mqtt.stats_interval_s
         while not self.stop_event.wait(0.2):
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                self.reload()
             self.pipeline.check_stalls()
             if time.monotonic() >= next_stats:
                 self.publish_stats()
@@ -247,10 +330,11 @@ class Daemon:
         return 1 if (failed and len(failed) == len(self.pipeline.sources)) or self.pipeline.inference.error else 0
 
 
-def run(cfg: Config, max_frames: Optional[int] = None, realtime: Optional[bool] = None) -> int:
+def run(cfg: Config, max_frames: Optional[int] = None, realtime: Optional[bool] = None,
+        config_path: Optional[str] = None) -> int:
     setup_logging(cfg.log_level)
     try:
-        daemon = Daemon(cfg, max_frames=max_frames, realtime=realtime)
+        daemon = Daemon(cfg, max_frames=max_frames, realtime=realtime, config_path=config_path)
     except SpoolError as e:
         raise EdgecvError(str(e)) from None
     daemon.install_signals()

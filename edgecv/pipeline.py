@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
 
@@ -127,6 +127,13 @@ def build_rules(cam: CameraConfig, detector: Detector) -> list[Rule]:
     return rules
 
 
+def tracker_config(cfg: Config, fps: float) -> TrackerConfig:
+    t = cfg.tracker
+    return TrackerConfig(track_thresh=t.track_thresh, low_thresh=t.low_thresh, new_track_thresh=t.new_track_thresh,
+                         match_thresh=t.match_thresh, min_hits=t.min_hits, lost_buffer_s=t.lost_buffer_s,
+                         frame_rate=fps)
+
+
 def stream_epoch(source: Source) -> str:
     """Part of every event id: the same file yields the same ids on every run; live streams differ per run."""
     if source.cfg.kind == "file":
@@ -178,6 +185,9 @@ class CameraWorker:
         self._last_index = 0
         self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
         self.error: Optional[str] = None
+        # set by reconfigure() from another thread, taken by this worker's thread before its next frame
+        self._new_rules: Optional[list[Rule]] = None
+        self._new_tracker_config: Optional[TrackerConfig] = None
 
     def start(self) -> None:
         self._thread.start()
@@ -188,6 +198,25 @@ class CameraWorker:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def reconfigure(self, rules: Optional[Sequence[Rule]] = None,
+                    tracker_config: Optional[TrackerConfig] = None) -> None:
+        """Swap in new rules and/or tracker thresholds (config reload) from the next frame on.
+
+        The source and the tracker's tracks (and ids) are kept; new rules start with no per-track state.
+        """
+        if rules is not None:
+            self._new_rules = list(rules)
+        if tracker_config is not None:
+            self._new_tracker_config = tracker_config
+
+    def _apply_reconfigure(self) -> None:
+        rules, self._new_rules = self._new_rules, None
+        if rules is not None:
+            self.rules = rules
+        tcfg, self._new_tracker_config = self._new_tracker_config, None
+        if tcfg is not None and self.tracker is not None:
+            self.tracker.reconfigure(replace(tcfg, frame_rate=self.tracker.config.frame_rate))
 
     def _run(self) -> None:
         while True:
@@ -219,6 +248,8 @@ class CameraWorker:
     def handle(self, frame: Frame, dets: Detections, semantic: Optional[SemanticMasks]) -> list[Event]:
         """Track, run the rules and emit the events of one decoded frame; returns the events."""
         t1 = time.perf_counter()
+        if self._new_rules is not None or self._new_tracker_config is not None:
+            self._apply_reconfigure()
         if self.tracker is None:
             self.tracker = self.make_tracker(self.source.fps or self.source.cfg.max_fps or 15.0)
         skipped = max(0, frame.index - self._last_index - 1) if self._last_index else 0
@@ -369,10 +400,7 @@ class Pipeline:
         self.started_at = 0.0
 
     def _tracker_factory(self, fps: float) -> ByteTracker:
-        t = self.cfg.tracker
-        return ByteTracker(TrackerConfig(
-            track_thresh=t.track_thresh, low_thresh=t.low_thresh, new_track_thresh=t.new_track_thresh,
-            match_thresh=t.match_thresh, min_hits=t.min_hits, lost_buffer_s=t.lost_buffer_s, frame_rate=fps))
+        return ByteTracker(tracker_config(self.cfg, fps))
 
     def start(self) -> None:
         self.started_at = time.monotonic()

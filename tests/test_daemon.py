@@ -44,21 +44,26 @@ def test_rtsp_source_with_nothing_listening_retries_with_growing_delays_and_stop
     proc = start(["run", str(cfg)], edgecv_env(assets, tmp_path))
     delays: list[float] = []
     lines: list[str] = []
-    deadline = time.monotonic() + 30
-    while len(delays) < 5 and time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"camera door: connecting \(.*retry in ([0-9.]+)s\)", line)
-        if m:
-            delays.append(float(m.group(1)))
-    assert delays[:5] == [0.2, 0.4, 0.8, 1.6, 1.6], lines  # exponential, capped at max_s
-    assert sub.wait_for(lambda ms: [m.payload for m in ms] == [b"online"])  # the daemon itself is up
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=10)
-    elapsed = time.monotonic() - t0
+    try:
+        deadline = time.monotonic() + 30
+        while len(delays) < 5 and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"camera door: connecting \(.*retry in ([0-9.]+)s\)", line)
+            if m:
+                delays.append(float(m.group(1)))
+        assert delays[:5] == [0.2, 0.4, 0.8, 1.6, 1.6], lines  # exponential, capped at max_s
+        assert sub.wait_for(lambda ms: [m.payload for m in ms] == [b"online"])  # the daemon itself is up
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
     assert proc.returncode == 0, err
     assert elapsed < 5.0, f"shutdown took {elapsed:.1f}s"
     everything = "".join(lines) + err + out

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import pytest
 import yaml
-from broker import Mosquitto, Subscriber
+from broker import Mosquitto, Subscriber, wait_until
 from conftest import REPO, edgecv_env
 
 pytestmark = pytest.mark.integration
@@ -35,15 +35,6 @@ PACE_FPS = 20.0  # the whole clip (795 frames) takes ~40 s: room for a >= 10 s o
 OUTAGE_S = 11.0
 EVENTS_TOPIC = f"edgecv/{NODE}/street/events"
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= end:
-            return False
-        time.sleep(interval)
 
 
 def write_config(path: Path, port: int, *, mqtt: bool = True, pace_fps: Optional[float] = None,

@@ -16,7 +16,7 @@ from typing import Optional
 
 import pytest
 import yaml
-from broker import Mosquitto, Subscriber, free_port
+from broker import Mosquitto, Subscriber, free_port, wait_until
 from conftest import REPO, edgecv_env
 
 from edgecv.config import MqttConfig
@@ -36,15 +36,6 @@ def put_n(spool: Spool, n: int, start: int = 0, size: int = 100) -> list[int]:
 def ids(spool: Spool) -> list[str]:
     return [it.event_id for it in spool.next_items(0, 10_000)]
 
-
-def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= end:
-            return False
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,12 +19,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from broker import Message, Mosquitto, Subscriber, free_port
+from broker import Message, Mosquitto, Subscriber, free_port, wait_until
 from conftest import REPO, edgecv_env
 
 pytestmark = pytest.mark.integration
@@ -35,15 +35,6 @@ PASSWORD = "pw-Q7r2-s3cr3t"  # must never show up anywhere
 CAM_PASSWORD = "cam-K9x4-s3cr3t"
 NOBODY = 65534
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= end:
-            return False
-        time.sleep(interval)
 
 
 def _tool(name: str) -> str:

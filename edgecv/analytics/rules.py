@@ -72,6 +72,12 @@ class Rule:
     def wants(self, class_id: int) -> bool:
         return self.class_ids is None or int(class_id) in self.class_ids
 
+    def select(self, tracks: Detections) -> Detections:
+        """The tracks of the classes this rule watches."""
+        if self.class_ids is None:
+            return tracks
+        return tracks[np.isin(tracks.class_id, np.fromiter(self.class_ids, np.int32, len(self.class_ids)))]
+
     def _cooled(self, track_id: int, kind: str, t: float) -> bool:
         """True when this track may emit `kind` now (and records it)."""
         key = (track_id, kind)
@@ -140,8 +146,7 @@ class ZoneRule(Rule):
     def update(self, ctx: FrameContext, tracks: Detections, removed: Sequence[Removed]) -> list[Event]:
         events: list[Event] = []
         if len(tracks):
-            keep = np.array([self.wants(c) for c in tracks.class_id], dtype=bool)
-            sel = tracks[keep]
+            sel = self.select(tracks)
             inside = self.inside(ctx, sel) if len(sel) else np.zeros(0, bool)
             for i in range(len(sel)):
                 tid = int(sel.track_id[i])
@@ -238,8 +243,7 @@ class LineRule(Rule):
     def update(self, ctx: FrameContext, tracks: Detections, removed: Sequence[Removed]) -> list[Event]:
         events: list[Event] = []
         if len(tracks):
-            keep = np.array([self.wants(c) for c in tracks.class_id], dtype=bool)
-            sel = tracks[keep]
+            sel = self.select(tracks)
             pts = sel.anchors(self.anchor).astype(np.float64)
             sides = self.sides(pts) if len(sel) else np.zeros(0, int)
             for i in range(len(sel)):

@@ -16,7 +16,7 @@ import abc
 import ast
 import warnings
 from collections.abc import Sequence
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 
@@ -188,15 +188,7 @@ class Detector(abc.ABC):
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detect objects in BGR uint8 images; inference runs in chunks of ``backend.max_batch``."""
-        w, h = self.input_size
-        step = self.backend.max_batch
-        results: list[Detections] = []
-        for start in range(0, len(images), step):
-            chunk = images[start : start + step]
-            batch = np.empty((len(chunk), 3, h, w), dtype=np.float32)
-            boxes = [self.preprocess(image, out=batch[i])[1] for i, image in enumerate(chunk)]
-            results.extend(self.postprocess(self.backend.infer(batch), boxes))
-        return results
+        return infer_in_chunks(self, images)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -317,3 +309,17 @@ class Yolov8Detector(Detector):
         best = cls.max(axis=0)
         idx = np.flatnonzero(best >= self.conf)
         return raw[:4, idx].T, best[idx], cls[:, idx].argmax(axis=0)
+
+
+def infer_in_chunks(adapter: Any, images: Sequence[np.ndarray]) -> list:
+    """Preprocess, infer and postprocess images with any adapter (detector or segmenter), in chunks of
+    ``adapter.backend.max_batch``, each preprocessed straight into its slot of the batch array."""
+    w, h = adapter.input_size
+    step = adapter.backend.max_batch
+    results: list = []
+    for start in range(0, len(images), step):
+        chunk = images[start : start + step]
+        batch = np.empty((len(chunk), 3, h, w), dtype=np.float32)
+        placements = [adapter.preprocess(image, out=batch[i])[1] for i, image in enumerate(chunk)]
+        results.extend(adapter.postprocess(adapter.backend.infer(batch), placements))
+    return results

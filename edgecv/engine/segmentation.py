@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 
 from edgecv import EdgecvError
-from edgecv.engine.adapters import Letterbox, Yolov8Detector, metadata_names, model_input_size
+from edgecv.engine.adapters import Letterbox, Yolov8Detector, infer_in_chunks, metadata_names, model_input_size
 from edgecv.engine.backend import Backend, format_shape
 from edgecv.engine.ops import cxcywh_to_xyxy, letterbox, nms, to_chw
 from edgecv.types import Detections, SemanticMasks
@@ -302,15 +302,7 @@ class SemanticSegmenter:
 
     def segment(self, images: Sequence[np.ndarray]) -> list[SemanticMasks]:
         """Masks of BGR uint8 images; inference in chunks of ``backend.max_batch``."""
-        w, h = self.input_size
-        step = self.backend.max_batch
-        results: list[SemanticMasks] = []
-        for start in range(0, len(images), step):
-            chunk = images[start : start + step]
-            batch = np.empty((len(chunk), 3, h, w), dtype=np.float32)
-            regions = [self.preprocess(image, out=batch[i])[1] for i, image in enumerate(chunk)]
-            results.extend(self.postprocess(self.backend.infer(batch), regions))
-        return results
+        return infer_in_chunks(self, images)
 
     detect = segment  # the adapters' common name
 

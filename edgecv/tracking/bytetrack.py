@@ -213,6 +213,11 @@ class ByteTracker:
         """Confirmed tracks held now, tracked or lost (tentative ones not included)."""
         return sum(1 for t in self._tracks if t.state is not _State.TENTATIVE)
 
+    def reconfigure(self, config: TrackerConfig) -> None:
+        """Take new thresholds and timing (a config reload); the tracks and their ids are kept."""
+        self.config = config
+        self._lost_buffer = config.lost_buffer
+
     def reset(self) -> None:
         """Forget every track and restart ids at 1 (for a new stream on this camera)."""
         self._tracks = []
