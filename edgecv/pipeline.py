@@ -59,6 +59,11 @@ class Prepared:
         return self.boxes[0]
 
 
+def gpu_preprocessed(model: Any) -> bool:
+    """Whether the model's backend letterboxes frames on the GPU (TensorRT with the kernel attached)."""
+    return getattr(model.backend, "preprocessor", None) is not None
+
+
 class ModelSet:
     """The models run on every frame: one detector (first; its boxes are tracked) and any segmenters."""
 
@@ -73,11 +78,22 @@ class ModelSet:
         self.max_batch = max(1, min(m.backend.max_batch for m in self.all))
 
     def prepare(self, frame: Frame) -> Prepared:
-        """Every model's input for one frame (runs on the capture thread)."""
+        """Every model's input for one frame (runs on the capture thread).
+
+        A model whose backend has GPU preprocessing attached (TensorRT) gets no CPU tensor here: the
+        inference thread letterboxes the frame straight into the engine's input buffer instead.
+        """
         t0 = time.perf_counter()
-        made = [m.preprocess(frame.image) for m in self.all]
+        made = [(None, None) if gpu_preprocessed(m) else m.preprocess(frame.image) for m in self.all]
         return Prepared(frame, tuple(t for t, _ in made), tuple(b for _, b in made),
                         (time.perf_counter() - t0) * 1000)
+
+    def infer(self, j: int, chunk: Sequence[Prepared]) -> tuple[list[np.ndarray], Optional[list[Any]]]:
+        """Model j's outputs for a chunk of frames, and the placements when the GPU made the inputs."""
+        model = self.all[j]
+        if gpu_preprocessed(model):
+            return model.backend.infer_images([p.frame.image for p in chunk])
+        return model.backend.infer(np.stack([p.tensors[j] for p in chunk])), None
 
     def decode(self, prepared: Prepared, outputs: Sequence[list[np.ndarray]]) -> tuple[Detections, Optional[SemanticMasks]]:
         """The detector's Detections and the segmenters' merged masks for one frame's outputs."""
@@ -353,15 +369,21 @@ class InferenceWorker:
                     chunk = ready[start:start + step]
                     per_model: list[list[np.ndarray]] = []
                     total = 0.0
-                    for j, (name, model) in enumerate(zip(self.models.names, self.models.all)):
-                        batch = np.stack([p.tensors[j] for _, p in chunk])
+                    gpu_boxes: dict[int, list[Any]] = {}
+                    for j, name in enumerate(self.models.names):
                         t0 = time.perf_counter()
-                        per_model.append(model.backend.infer(batch))
+                        outputs, boxes = self.models.infer(j, [p for _, p in chunk])
+                        per_model.append(outputs)
+                        if boxes is not None:
+                            gpu_boxes[j] = boxes
                         ms = (time.perf_counter() - t0) * 1000 / len(chunk)
                         self.model_ms[name].add(ms)
                         total += ms
                     self.infer_ms.add(total)
                     for i, (w, p) in enumerate(chunk):
+                        if gpu_boxes:
+                            p = replace(p, boxes=tuple(gpu_boxes[j][i] if j in gpu_boxes else b
+                                                       for j, b in enumerate(p.boxes)))
                         self._counts[w.name] += 1
                         self.frames += 1
                         w.queue.put((p, [[o[i:i + 1] for o in outputs] for outputs in per_model]))

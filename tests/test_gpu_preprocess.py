@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +353,43 @@ def test_gpu_check_script_runs_without_pydantic_or_paho(tmp_path: Path) -> None:
     assert len(cases) == 12 and {c["style"] for c in cases} == {"yolox", "ultralytics"}
     assert all(c["vs_numpy_twin_max"] == 0.0 and c["vs_cpu_max"] <= MAX_DIFF for c in cases)
     assert "environment" in report and "tensorrt" in report
+
+
+def test_pipeline_uses_gpu_preprocessing_when_the_backend_has_it(fake_gpu: Any, detectors: dict) -> None:
+    """With the kernel attached (TensorRT), the capture thread makes no CPU tensor and the inference
+    thread letterboxes on the GPU; the tracks equal those of the CPU pipeline on the same frames."""
+    from test_tensorrt import ort_engine
+
+    from edgecv.config import parse
+    from edgecv.engine.cache import onnx_metadata
+    from edgecv.engine.tensorrt import TensorRTBackend
+    from edgecv.pipeline import ModelSet, Pipeline
+    from edgecv.types import Frame
+
+    cuda, kernel = fake_gpu
+    engine = ort_engine(YOLOX, "trt10", cuda)
+    backend = TensorRTBackend.from_engine(engine, cuda, cuda.Stream(), cuda.Context(), YOLOX, onnx_metadata(YOLOX))
+    gpu_detector = YoloxDetector(backend, conf=0.35)
+    backend.attach_preprocessor(gpu_detector)
+    cfg = parse({"node_id": "g", "mqtt": {"enabled": False}, "console": {"enabled": False},
+                 "model": {"path": str(YOLOX)},
+                 "cameras": {"cam": {"source": str(ASSETS / "media" / "vtest.avi"), "realtime": False}}})
+
+    def run(models: ModelSet) -> tuple[dict[int, list[int]], Any]:
+        seen: dict[int, list[int]] = {}
+        pipe = Pipeline(cfg, models, sinks=[], max_frames=12,
+                        on_tracks=lambda _c, f, t: seen.__setitem__(f.index, sorted(t.track_id.tolist())))
+        prepared = models.prepare(Frame("cam", 1, 0.0, 0.0, vtest_frames(1)[0]))
+        pipe.start()
+        while not pipe.done:
+            time.sleep(0.01)
+        pipe.stop()
+        return seen, prepared
+
+    gpu_tracks, gpu_prepared = run(ModelSet(gpu_detector))
+    cpu_tracks, cpu_prepared = run(ModelSet(YoloxDetector(detectors["yolox"].backend, conf=0.35)))
+    assert gpu_prepared.tensors == (None,) and cpu_prepared.tensors[0].shape == (3, 416, 416)
+    assert len(gpu_tracks) == len(cpu_tracks) == 12
+    assert kernel.launches, "the inference thread ran the GPU letterbox kernel"
+    same = sum(gpu_tracks[i] == cpu_tracks[i] for i in cpu_tracks)
+    assert same >= 10, (gpu_tracks, cpu_tracks)
