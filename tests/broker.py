@@ -89,11 +89,15 @@ class Message:
 class Subscriber:
     """A paho client that records every message on the given topic filters."""
 
-    def __init__(self, port: int, topics: list[str], client_id: str = "", clean: bool = True) -> None:
+    def __init__(self, port: int, topics: list[str], client_id: str = "", clean: bool = True,
+                 configure: Optional[Callable[[mqtt.Client], None]] = None) -> None:
+        """``configure`` sets the client up before it connects (TLS, credentials)."""
         self.messages: list[Message] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
+        if configure is not None:
+            configure(self.client)
         self.topics = topics
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message

@@ -16,7 +16,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,7 +23,7 @@ from typing import Optional
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from broker import Message, Mosquitto, Subscriber, free_port, wait_until
+from broker import Mosquitto, Subscriber, free_port, wait_until
 from conftest import REPO, edgecv_env
 
 pytestmark = pytest.mark.integration
@@ -94,36 +93,15 @@ class TlsBroker(Mosquitto):
         return len(re.findall(r"New connection from 127\.0\.0\.1|Client connection from 127\.0\.0\.1 failed", text))
 
 
-class TlsSubscriber:
-    """A paho client over mTLS with the password, recording every message (like broker.Subscriber)."""
+def tls_subscriber(port: int, pki: Path, topics: list[str]) -> Subscriber:
+    """A broker.Subscriber connecting over mTLS with the password."""
 
-    def __init__(self, port: int, pki: Path, topics: list[str]) -> None:
-        self.messages: list[Message] = []
-        self._lock = threading.Lock()
-        subscribed = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tls-subscriber")
-        self.client.tls_set(ca_certs=str(pki / "ca.crt"), certfile=str(pki / "client.crt"),
-                            keyfile=str(pki / "client.key"), cert_reqs=ssl.CERT_REQUIRED)
-        self.client.username_pw_set(USER, PASSWORD)
-        self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        if not subscribed.wait(15):
-            raise TimeoutError("TLS subscriber did not get SUBACK")
+    def configure(client: mqtt.Client) -> None:
+        client.tls_set(ca_certs=str(pki / "ca.crt"), certfile=str(pki / "client.crt"),
+                       keyfile=str(pki / "client.key"), cert_reqs=ssl.CERT_REQUIRED)
+        client.username_pw_set(USER, PASSWORD)
 
-    def _on_message(self, client, userdata, msg) -> None:
-        with self._lock:
-            self.messages.append(Message(msg.topic, bytes(msg.payload), bool(msg.retain), time.time()))
-
-    def snapshot(self) -> list[Message]:
-        with self._lock:
-            return list(self.messages)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+    return Subscriber(port, topics, client_id="tls-subscriber", configure=configure)
 
 
 def write_config(path: Path, port: int, tls: Optional[dict], *, auth: bool = True, rtsp_port: Optional[int] = None,
@@ -223,7 +201,7 @@ def test_mtls_with_password_delivers_events_and_never_shows_a_secret(assets, pki
     broker = TlsBroker(tmp_path, pki).start()
     run = None
     try:
-        sub = TlsSubscriber(broker.port, pki, ["#"])
+        sub = tls_subscriber(broker.port, pki, ["#"])
         cfg = write_config(tmp_path / "tls.yaml", broker.port, tls_files(pki), rtsp_port=free_port())
         env = edgecv_env(assets, tmp_path, MQTT_USER=USER, MQTT_PASS=PASSWORD, CAM_PASS=CAM_PASSWORD)
         run = Run(tmp_path, cfg, env, "--fast")
