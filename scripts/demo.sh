@@ -19,12 +19,17 @@ printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$PORT
 MOSQ="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 "$MOSQ" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
 BROKER=$!
-cleanup() { kill "${SUB:-}" "$BROKER" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() {
+  kill ${SUB:-} "$BROKER" 2>/dev/null || true
+  wait ${SUB:-} "$BROKER" 2>/dev/null || true
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 for _ in $(seq 50); do "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 0.2)" 2>/dev/null && break; sleep 0.1; done
 echo "demo: Mosquitto on 127.0.0.1:$PORT; subscribing to edgecv/demo/status and edgecv/demo/+/events" >&2
-mosquitto_sub -h 127.0.0.1 -p "$PORT" -v -t 'edgecv/demo/status' -t 'edgecv/demo/+/events' | sed -u 's/^/mqtt> /' &
-SUB=$!
+mosquitto_sub -h 127.0.0.1 -p "$PORT" -v -t 'edgecv/demo/status' -t 'edgecv/demo/+/events' \
+  > >(sed -u 's/^/mqtt> /') &
+SUB=$!  # mosquitto_sub itself: killing it ends the sed too
 sleep 0.3
 MQTT_PORT="$PORT" EDGECV_STATE_DIR="$WORK/state" "$REPO/.venv/bin/edgecv" run "$REPO/configs/demo.yaml" "$@"
 sleep 0.5
