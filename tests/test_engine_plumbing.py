@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
-import onnx
 import pytest
+from onnx_models import save_graph
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecv import EdgecvError, EdgecvWarning
@@ -72,12 +72,7 @@ def make_model(
             numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "mean_shape"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    if metadata:
-        helper.set_model_props(model, metadata)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path, metadata)
 
 
 def yolox_raw(rows: dict[int, Sequence[float]], classes: int = 2, n: int = YOLOX_N) -> np.ndarray:

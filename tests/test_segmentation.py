@@ -8,8 +8,8 @@ from typing import Optional
 
 import cv2
 import numpy as np
-import onnx
 import pytest
+from onnx_models import save_graph
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecv import EdgecvError
@@ -33,12 +33,7 @@ def constant_model(path: Path, outputs: dict[str, np.ndarray], metadata: Optiona
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(a.shape)) for name, a in outputs.items()],
         initializer=[numpy_helper.from_array(a.astype(np.float32), f"{name}_const") for name, a in outputs.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    if metadata:
-        helper.set_model_props(model, metadata)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path, metadata)
 
 
 def letterbox_params(src_w: int, src_h: int) -> tuple[float, int, int, int, int]:

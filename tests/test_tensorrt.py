@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+from onnx_models import save_graph
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecv import EdgecvError
@@ -113,12 +114,7 @@ def tiny_model(path: Path, batch: Any = "N", size: int = 8, metadata: Optional[d
             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    if metadata:
-        helper.set_model_props(model, metadata)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path, metadata)
 
 
 # == the engine cache ======================================================================
