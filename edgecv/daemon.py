@@ -223,6 +223,9 @@ class Daemon:
             new = self._override(load_config(self.config_path))
             rules = {name: build_rules(cam, self.detector) for name, cam in new.cameras.items()
                      if name in self.pipeline.workers}
+            for key, m in new.model_sections:  # an unknown class name rejects the reload before anything applies
+                if m.display_name == self.models.names[0] and m.classes:
+                    self.detector.class_ids(m.classes)
         except ConfigError as e:
             for problem in e.problems:
                 log.error("reload rejected: %s", problem)
@@ -256,13 +259,17 @@ class Daemon:
         if [(k, m.model_dump(exclude=live)) for k, m in old_models] != [(k, m.model_dump(exclude=live)) for k, m in new_models]:
             needs_restart.append("models")
         else:
-            det_key = next(k for (k, _), a in zip(old_models, self.models.all) if a is self.detector)
+            # the detector is the ModelSet's first model, whatever its place in `models`
+            det_key = next(k for k, m in old_models if m.display_name == self.models.names[0])
             m = dict(new_models)[det_key]
             if m.model_dump(include=live) != dict(old_models)[det_key].model_dump(include=live):
                 self.detector.conf, self.detector.iou = m.conf, m.iou
                 self.detector.class_filter = (np.asarray(self.detector.class_ids(m.classes), np.int32)
                                               if m.classes else None)
                 applied.append(f"{det_key} thresholds")
+            changed = [k for (k, a), (_, b) in zip(old_models, new_models)
+                       if k != det_key and a.model_dump(include=live) != b.model_dump(include=live)]
+            needs_restart += [f"{k} thresholds" for k in changed]
         for section in ("node_id", "mqtt", "console", "log_level"):
             if getattr(new, section) != getattr(old, section):
                 needs_restart.append(section)

@@ -88,7 +88,16 @@ def test_sighup_applies_new_zones_and_rejects_a_broken_config(assets, broker, tm
         assert all(e["zone"] == "walkway" for e in zone_events(sub)[seen:])
         assert proc.poll() is None, "the daemon must keep running"
 
-        # the source was never restarted by either reload
+        # 3. an unknown class name is rejected too; a new confidence threshold applies to the running model
+        write(path, dict(cfg, model=dict(cfg["model"], classes=["persn"])))
+        proc.send_signal(signal.SIGHUP)
+        assert log.wait_for("unknown class 'persn'"), "".join(log.lines[-10:])
+        write(path, dict(cfg, model=dict(cfg["model"], conf=0.5)))
+        proc.send_signal(signal.SIGHUP)
+        assert log.wait_for("reload: applied model thresholds"), "".join(log.lines[-10:])
+        assert proc.poll() is None
+
+        # the source was never restarted by any reload
         assert sum("camera street: streaming" in line for line in log.lines) == 1
         assert sum("camera street: connecting" in line for line in log.lines) == 1
     finally:
