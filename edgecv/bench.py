@@ -149,12 +149,7 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
     quiet = cfg.model_copy(update={"cameras": cams})
     pipe = Pipeline(quiet, models, sinks=[], max_frames=n_frames)
     t0 = time.perf_counter()
-    try:
-        pipe.start()
-        while not pipe.done:
-            time.sleep(0.01)
-    finally:
-        pipe.stop()
+    pipe.run()
     seconds = time.perf_counter() - t0
     done = pipe.workers[cam_name].processed
     rows.append(("pipeline end to end (threads)", f"{done} frames in {seconds:.2f} s = {done / seconds:.1f} fps"))

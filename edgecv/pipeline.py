@@ -432,6 +432,15 @@ class Pipeline:
         for s in self.sources.values():
             s.start()
 
+    def run(self, poll_s: float = 0.01) -> None:
+        """Start, process until every source is consumed (finite sources or max_frames), stop."""
+        try:
+            self.start()
+            while not self.done:
+                time.sleep(poll_s)
+        finally:
+            self.stop()
+
     @property
     def done(self) -> bool:
         """All input consumed (finite sources ended or --max-frames reached) and processed."""

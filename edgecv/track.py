@@ -74,11 +74,8 @@ def track_video(video: str, model: str, mot: str, family: str = "auto", classes:
     pipeline = Pipeline(cfg, detector, sinks=[], max_frames=max_frames, on_tracks=lambda _c, f, t: writer.write(f, t))
     t0 = time.perf_counter()
     try:
-        pipeline.start()
-        while not pipeline.done:
-            time.sleep(0.01)
+        pipeline.run()
     finally:
-        pipeline.stop()
         writer.close()
     seconds = time.perf_counter() - t0
     worker = pipeline.workers["video"]

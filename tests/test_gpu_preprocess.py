@@ -14,17 +14,16 @@ Tolerance against OpenCV (0-255 units): max |diff| <= 1 (OpenCV resizes in fixed
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
+from conftest import ASSETS, REPO
 
 from edgecv.engine import YoloxDetector, Yolov8Detector
 from edgecv.engine.backend import OnnxRuntimeBackend
@@ -41,8 +40,6 @@ from edgecv.engine.gpu_preprocess import (
 )
 from edgecv.engine.ops import letterbox
 
-REPO = Path(__file__).resolve().parent.parent
-ASSETS = Path(os.environ.get("EDGECV_ASSETS") or REPO.parent / "shared")
 YOLOX = ASSETS / "models" / "yolox_nano.onnx"
 YOLOV8 = ASSETS / "models" / "yolov8n_int8.onnx"
 MAX_DIFF, MEAN_DIFF = 1.0, 0.15
@@ -380,10 +377,7 @@ def test_pipeline_uses_gpu_preprocessing_when_the_backend_has_it(fake_gpu: Any, 
         pipe = Pipeline(cfg, models, sinks=[], max_frames=12,
                         on_tracks=lambda _c, f, t: seen.__setitem__(f.index, sorted(t.track_id.tolist())))
         prepared = models.prepare(Frame("cam", 1, 0.0, 0.0, vtest_frames(1)[0]))
-        pipe.start()
-        while not pipe.done:
-            time.sleep(0.01)
-        pipe.stop()
+        pipe.run()
         return seen, prepared
 
     gpu_tracks, gpu_prepared = run(ModelSet(gpu_detector))

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+from conftest import ASSETS, REPO
 from onnx_models import save_graph
 from onnx import TensorProto, helper, numpy_helper
 
@@ -78,8 +79,6 @@ from edgecv.engine.trt_build import (
     plan_profile,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-ASSETS = Path(os.environ.get("EDGECV_ASSETS") or REPO.parent / "shared")
 YOLOX = ASSETS / "models" / "yolox_nano.onnx"
 YOLOV8 = ASSETS / "models" / "yolov8n_int8.onnx"
 BDD = ASSETS / "media" / "bdd"
