@@ -132,14 +132,3 @@ def fetch(asset: KnownAsset, dest_root: Optional[Path] = None, timeout: float = 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
-
-
-def ensure(rel: str, download: bool = True) -> Path:
-    """Locate a known asset, downloading it into the cache when missing and allowed."""
-    found = resolve(rel)
-    if found is not None:
-        return found
-    for a in KNOWN_ASSETS:
-        if a.rel == rel and download and a.url:
-            return fetch(a)
-    raise FileNotFoundError(f"{rel}: not found in {', '.join(str(r) for r in asset_roots())} (set EDGECV_ASSETS)")

@@ -50,14 +50,6 @@ class Prepared:
     boxes: tuple[Any, ...]  # per model: its adapter's placement (Letterbox, InputRegion), handed to postprocess
     prep_ms: float = 0.0  # time spent preprocessing (all models)
 
-    @property
-    def tensor(self) -> np.ndarray:
-        return self.tensors[0]
-
-    @property
-    def box(self) -> Any:
-        return self.boxes[0]
-
 
 def gpu_preprocessed(model: Any) -> bool:
     """Whether the model's backend letterboxes frames on the GPU (TensorRT with the kernel attached)."""

@@ -140,7 +140,6 @@ class Source:
         # thread), and an event set whenever a new item is in the slot
         self.prepare: Optional[Callable[[Frame], Any]] = None
         self.notify: Optional[threading.Event] = None
-        self.backoff_history: list[float] = []  # delays slept before reconnects (bounded)
 
     # ---- lifecycle
     def _blocking(self) -> bool:
@@ -223,7 +222,6 @@ class Source:
                         return
                     attempts += 1
                     self._set_state("connecting", f"{e}; attempt {attempts}, retry in {delay:.1f}s")
-                    self.backoff_history = (self.backoff_history + [delay])[-64:]
                     if self._sleep(delay * random.uniform(0.9, 1.1)):
                         break
                     delay = min(delay * 2, self.cfg.reconnect.max_s)
@@ -249,7 +247,6 @@ class Source:
                     delay = self.cfg.reconnect.initial_s
                 if self._sleep(min(delay, self.cfg.reconnect.max_s)):
                     break
-                self.backoff_history = (self.backoff_history + [delay])[-64:]
                 delay = min(delay * 2, self.cfg.reconnect.max_s)
             self._set_state("stopped", "shutdown")
         except Exception as e:  # a capture thread must never die silently
