@@ -300,15 +300,25 @@ class ModelConfig(_Model):
 class TrackerSection(_Model):
     track_thresh: float = Field(0.5, ge=0, le=1, description="Detections at or above: first association")
     low_thresh: float = Field(0.1, ge=0, le=1, description="Detections between this and track_thresh: second association")
-    new_track_thresh: float = Field(0.6, ge=0, le=1, description="Unmatched detections at or above start a track")
-    match_thresh: float = Field(0.8, gt=0, le=1, description="Largest 1-IoU cost accepted in the first association")
-    min_hits: int = Field(3, ge=1, le=100, description="Consecutive matched frames before a track is confirmed")
-    lost_buffer_s: float = Field(3.0, gt=0, le=600, description="How long a lost track can be recovered with its id")
+    new_track_thresh: float = Field(0.5, ge=0, le=1, description="Unmatched detections at or above start a (tentative) track")
+    confirm_thresh: Optional[float] = Field(
+        None, ge=0, le=1, description="Mean detection score a tentative track needs to be confirmed (reported); "
+        "default: by the detector's score calibration, 0.65 for yolox, 0.6 for yolov8")
+    match_thresh: float = Field(0.9, gt=0, le=1, description="Largest 1-IoU*score cost accepted in the first association")
+    low_match_thresh: float = Field(0.6, gt=0, le=1, description="Largest 1-IoU cost accepted in the low-score association")
+    min_hits: int = Field(2, ge=1, le=100, description="Consecutive matched frames before a track is confirmed")
+    lost_buffer_s: float = Field(1.5, gt=0, le=600, description="How long a lost track can be recovered with its id")
+    motion_compensation: Literal["off", "sparse_flow", "ecc", "auto"] = Field(
+        "auto", description="Camera-motion compensation (moving cameras): sparse_flow, ecc, auto (sparse flow, "
+        "used only while the camera is seen to move) or off")
 
     @model_validator(mode="after")
     def _order(self) -> "TrackerSection":
         if self.low_thresh > self.track_thresh:
             raise ValueError(f"low_thresh ({self.low_thresh:g}) must be <= track_thresh ({self.track_thresh:g})")
+        if self.new_track_thresh < self.track_thresh:
+            raise ValueError(f"new_track_thresh ({self.new_track_thresh:g}) must be >= track_thresh "
+                             f"({self.track_thresh:g})")
         return self
 
 

@@ -250,7 +250,7 @@ class Daemon:
                 applied.append(f"cameras.{name} rules")
         needs_restart += [f"removed camera {n}" for n in old.cameras if n not in new.cameras]
         if new.tracker != old.tracker:
-            tcfg = tracker_config(new, 1.0)  # each worker keeps its own frame rate
+            tcfg = tracker_config(new, 1.0, self.detector.family)  # each worker keeps its own frame rate
             for w in self.pipeline.workers.values():
                 w.reconfigure(tracker_config=tcfg)
             applied.append("tracker")

@@ -135,11 +135,18 @@ def build_rules(cam: CameraConfig, detector: Detector) -> list[Rule]:
     return rules
 
 
-def tracker_config(cfg: Config, fps: float) -> TrackerConfig:
+# Mean score a tentative track needs before it is reported, by detector family: YOLOX scores (objectness x
+# class) run higher than YOLOv8's (class only) for the same objects; measured with `edgecv eval --suite`.
+CONFIRM_THRESH = {"yolox": 0.65, "yolov8": 0.6, "yolov8-seg": 0.6}
+
+
+def tracker_config(cfg: Config, fps: float, family: str = "") -> TrackerConfig:
+    """The tracker settings of ``cfg`` for a camera at ``fps`` whose detector is of ``family``."""
     t = cfg.tracker
-    return TrackerConfig(track_thresh=t.track_thresh, low_thresh=t.low_thresh, new_track_thresh=t.new_track_thresh,
-                         match_thresh=t.match_thresh, min_hits=t.min_hits, lost_buffer_s=t.lost_buffer_s,
-                         frame_rate=fps)
+    values = t.model_dump()
+    if values["confirm_thresh"] is None:
+        values["confirm_thresh"] = CONFIRM_THRESH.get(family, TrackerConfig.confirm_thresh)
+    return TrackerConfig(frame_rate=fps, **values)
 
 
 def stream_epoch(source: Source) -> str:
@@ -167,7 +174,8 @@ class CameraWorker:
     def __init__(self, name: str, node: str, source: Source, models: Any,
                  make_tracker: Callable[[float], ByteTracker], rules: Sequence[Rule], sinks: Sequence[EventSink],
                  on_tracks: Optional[Callable[[Frame, Detections], None]] = None, queue_size: int = 8,
-                 on_events: Optional[EventsHook] = None) -> None:
+                 on_events: Optional[EventsHook] = None,
+                 on_detections: Optional[Callable[[Frame, Detections], None]] = None) -> None:
         self.name = name
         self.node = node
         self.source = source
@@ -184,6 +192,8 @@ class CameraWorker:
         self.rules = list(rules)
         self.sinks = list(sinks)
         self.on_tracks = on_tracks
+        self.on_detections = on_detections
+        self.frame_size = (0, 0)  # of the last frame processed
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.processed = 0
         self.events = 0
@@ -262,8 +272,10 @@ class CameraWorker:
             self.tracker = self.make_tracker(self.source.fps or self.source.cfg.max_fps or 15.0)
         skipped = max(0, frame.index - self._last_index - 1) if self._last_index else 0
         self._last_index = frame.index
-        tracks = self.tracker.update(dets, frames_skipped=skipped)
-        w, h = frame.size
+        if self.on_detections is not None:
+            self.on_detections(frame, dets)
+        tracks = self.tracker.update(dets, frames_skipped=skipped, image=frame.image)
+        w, h = self.frame_size = frame.size
         np.clip(tracks.xyxy, 0, np.array([w, h, w, h], np.float32), out=tracks.xyxy)  # Kalman boxes may overshoot
         removed = [Removed(e.track_id, e.class_id, e.score, e.xyxy) for e in self.tracker.events if e.kind == "removed"]
         fps = self.source.fps
@@ -392,6 +404,7 @@ class Pipeline:
                  on_tracks: Optional[Callable[[str, Frame, Detections], None]] = None,
                  on_state: Optional[Callable[[str, str, str], None]] = None,
                  on_events: Optional[Callable[[str, Frame, Detections, Optional[SemanticMasks], list[Event]], None]] = None,
+                 on_detections: Optional[Callable[[str, Frame, Detections], None]] = None,
                  ) -> None:
         """``detector``: a :class:`ModelSet` (detector + segmenters) or a bare detector."""
         self.cfg = cfg
@@ -407,14 +420,16 @@ class Pipeline:
             src.notify = self.notify
             cb = (lambda f, t, _n=name: on_tracks(_n, f, t)) if on_tracks else None
             ev = (lambda f, t, s, e, _n=name: on_events(_n, f, t, s, e)) if on_events else None
+            dh = (lambda f, d, _n=name: on_detections(_n, f, d)) if on_detections else None
             self.sources[name] = src
             self.workers[name] = CameraWorker(name, cfg.node_id, src, self.models, self._tracker_factory,
-                                              build_rules(cam, self.detector), sinks, cb, on_events=ev)
+                                              build_rules(cam, self.detector), sinks, cb, on_events=ev,
+                                              on_detections=dh)
         self.inference = InferenceWorker(self.models, self.workers, self.notify, max_frames)
         self.started_at = 0.0
 
     def _tracker_factory(self, fps: float) -> ByteTracker:
-        return ByteTracker(tracker_config(self.cfg, fps))
+        return ByteTracker(tracker_config(self.cfg, fps, self.detector.family))
 
     def start(self) -> None:
         self.started_at = time.monotonic()

@@ -231,9 +231,9 @@ def test_target_missing_for_the_buffer_boundary(gap: int, same_id: bool) -> None
     else:
         assert trace.kinds(back - 1) == ["removed"]  # 11th missed frame
         assert trace.events[back - 1][0].track_id == 1
-        assert trace.ids[back] == {} and trace.ids[back + 1] == {}  # tentative again
-        assert trace.ids[back + 2] == {0: 2}
-        assert [e.kind for e in trace.events[back + 2]] == ["new"]
+        assert trace.ids[back] == {}  # tentative again
+        assert trace.ids[back + 1] == {0: 2}  # confirmed on its second frame (min_hits 2)
+        assert [e.kind for e in trace.events[back + 1]] == ["new"]
 
 
 def test_new_target_gets_next_id() -> None:
@@ -243,9 +243,9 @@ def test_new_target_gets_next_id() -> None:
         Target(gt=2, start=(700.0, 400.0), velocity=(-3.0, 0.0), frames=range(20, 10_000)),
     ]
     trace = run(ByteTracker(), targets, 40)
-    first = trace.ids[21]
+    first = trace.ids[20]
     assert sorted(first.values()) == [1, 2]
-    assert trace.ids[22] == {**first, 2: 3}
+    assert trace.ids[21] == {**first, 2: 3}
     assert trace.ids[39] == {**first, 2: 3}
     assert id_switches(trace.ids) == 0
 
@@ -302,10 +302,10 @@ def test_lifecycle_events() -> None:
     trace = run(tracker, [walker], 20)
 
     with_events = {f: trace.kinds(f) for f in range(20) if trace.events[f]}
-    assert with_events == {2: ["new"], 10: ["lost"], 15: ["removed"]}
-    new, lost, removed = trace.events[2][0], trace.events[10][0], trace.events[15][0]
-    assert (new.track_id, new.class_id, new.frames_tracked) == (1, 4, 3)
-    assert new.xyxy == pytest.approx(tuple(trace.outputs[2].xyxy[0]), abs=1e-3)
+    assert with_events == {1: ["new"], 10: ["lost"], 15: ["removed"]}
+    new, lost, removed = trace.events[1][0], trace.events[10][0], trace.events[15][0]
+    assert (new.track_id, new.class_id, new.frames_tracked) == (1, 4, 2)
+    assert new.xyxy == pytest.approx(tuple(trace.outputs[1].xyxy[0]), abs=1e-3)
     assert lost.track_id == removed.track_id == 1 and lost.frames_tracked == removed.frames_tracked == 10
     assert lost.xyxy == pytest.approx(tuple(trace.outputs[9].xyxy[0]), abs=1e-3)
     assert lost.score == pytest.approx(HIGH)
@@ -355,14 +355,14 @@ def test_frames_skipped_steps_the_prediction() -> None:
 
 
 def test_tentative_tracks_are_never_returned() -> None:
-    blip = Target(gt=0, start=(100.0, 100.0), frames=range(0, 2))
+    blip = Target(gt=0, start=(100.0, 100.0), frames=range(0, 1))
     flicker = Target(gt=1, start=(400.0, 100.0), frames=range(0, 30, 2))
     real = Target(gt=2, start=(700.0, 100.0), frames=range(10, 30))
     tracker = ByteTracker(TrackerConfig(confirm_first_frame=False))
     trace = run(tracker, [blip, flicker, real], 30)
     reported = {gt for frame in trace.ids for gt in frame}
     assert reported == {2}
-    assert trace.ids[12] == {2: 1}  # ids are handed out at confirmation only
+    assert trace.ids[10] == {} and trace.ids[11] == {2: 1}  # ids are handed out at confirmation only
     assert [e.kind for events in trace.events for e in events] == ["new"]
 
 
@@ -371,10 +371,26 @@ def test_first_frame_of_a_stream_confirms_at_once() -> None:
     late = Target(gt=1, start=(500.0, 100.0), frames=range(3, 10))
     trace = run(ByteTracker(), [still, late], 10)
     assert trace.ids[0] == {0: 1}  # born on the first call: reported at once, as ByteTrack does
-    assert 1 not in trace.ids[3] and 1 not in trace.ids[4]  # later births wait for min_hits
-    assert trace.ids[5] == {0: 1, 1: 2}
+    assert 1 not in trace.ids[3]  # later births wait for min_hits
+    assert trace.ids[4] == {0: 1, 1: 2}
     tracker = ByteTracker(TrackerConfig(confirm_first_frame=False))
     assert not run(tracker, [still], 2).ids[0]
+    # on the first call too, only a detection scoring confirm_thresh is believed at once
+    doubtful = Target(gt=0, start=(100.0, 100.0), scores={0: 0.55})
+    assert run(ByteTracker(), [doubtful], 3).ids[:2] == [{}, {0: 1}]
+
+
+def test_a_half_believed_static_object_never_becomes_a_track() -> None:
+    """A sign the detector scores 0.45-0.6 on every frame: strong enough to start a tentative track now and then,
+    never confident enough (mean below confirm_thresh) to be confirmed; a person scoring 0.7 is."""
+    rng = np.random.default_rng(3)
+    sign = Target(gt=0, start=(100.0, 100.0), size=(20.0, 35.0),
+                  scores={f: float(rng.uniform(0.45, 0.6)) for f in range(300)})
+    person = Target(gt=1, start=(500.0, 300.0), velocity=(2.0, 0.0), scores={f: 0.7 for f in range(300)})
+    trace = run(ByteTracker(), [sign, person], 300)
+    assert all(0 not in ids for ids in trace.ids)
+    assert all(ids == {1: 1} for ids in trace.ids[1:])
+    assert run(ByteTracker(TrackerConfig(confirm_thresh=0.5)), [sign], 10).ids[-1] == {0: 1}
 
 
 def test_min_hits_one_reports_a_track_on_its_first_frame() -> None:
@@ -469,7 +485,9 @@ def test_track_state_is_bounded() -> None:
     for _ in range(200):  # clutter: 15 objects at random places every frame
         xy = rng.uniform(0, 1000, (15, 2))
         tracker.update(Detections(np.concatenate([xy, xy + 30], axis=1), np.full(15, 0.9), np.zeros(15)))
-        assert len(tracker._tracks) <= 15 * 2  # this frame's births plus the previous frame's survivors
+        # this frame's births, the previous frame's tentative survivors, and confirmed tracks matched within the
+        # lost buffer: bounded by the input rate, whatever the number of frames
+        assert len(tracker._tracks) <= 15 * (2 + config.lost_buffer)
     for _ in range(config.lost_buffer + 1):
         tracker.update(Detections.empty())
     assert tracker.active_count == 0 and len(tracker._tracks) == 0

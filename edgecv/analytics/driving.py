@@ -172,6 +172,8 @@ class MaskZoneRule(ZoneRule):
     (see :func:`mask_share_below`); debounce, cooldown and exit on lost as :class:`ZoneRule`.
     """
 
+    kind = "mask_zone"
+
     def __init__(self, mask: str = "drivable", class_ids: Optional[set[int]] = None, min_frames: int = 3,
                  cooldown_s: float = 0.0, exit_on_lost: bool = True, min_share: float = 0.2) -> None:
         super().__init__(mask, [[0, 0], [1, 0], [0, 1]], "bottom_center", class_ids, min_frames, cooldown_s,

@@ -118,3 +118,27 @@ class BoxKalmanFilter:
         new_mean = mean + np.einsum("nij,nj->ni", gain, innovation)
         new_cov = cov - gain @ innovation_cov @ gain.transpose(0, 2, 1)
         return new_mean, new_cov
+
+    @staticmethod
+    def warp(mean: np.ndarray, cov: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Move states into the next frame's coordinates after the camera moved by ``matrix``.
+
+        ``matrix``: 2x3 similarity transform (rotation and uniform scale ``s`` in its 2x2 part,
+        translation in its last column) from the previous frame's pixels to this frame's. Centres go
+        through the full transform, centre velocities through the 2x2 part, heights and their velocities
+        are scaled by ``s``, aspect ratios are kept. Covariances follow (``J P J^T``). Returns new arrays.
+        """
+        if not len(mean):
+            return mean.copy(), cov.copy()
+        linear = np.asarray(matrix, dtype=np.float64)[:, :2]
+        shift = np.asarray(matrix, dtype=np.float64)[:, 2]
+        s = float(np.sqrt(abs(np.linalg.det(linear))))
+        jac = np.eye(8)
+        jac[0:2, 0:2] = linear
+        jac[4:6, 4:6] = linear
+        jac[3, 3] = jac[7, 7] = s
+        new_mean = mean @ jac.T
+        new_mean[:, 0:2] += shift
+        new_cov = jac @ cov @ jac.T
+        return new_mean, new_cov
+
