@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,9 +53,9 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
     """Rows of the driving benchmark (see the module docstring)."""
     from .config import ConfigError, load
     from .daemon import load_models
-    from .pipeline import CameraWorker, Pipeline, build_rules
+    from .pipeline import CameraWorker, Pipeline, build_rules, tracker_config
     from .sources.capture import make_source
-    from .tracking.bytetrack import ByteTracker, TrackerConfig
+    from .tracking.bytetrack import ByteTracker
     from .types import Frame, SemanticMasks
 
     path = Path(config) if config else Path(__file__).resolve().parent.parent / "configs" / "driving.yaml"
@@ -75,12 +76,9 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
     fps = cap.get(cv2.CAP_PROP_FPS) or 10.0
     source = make_source(cam_name, cam, location)
     source.fps = fps
-    t = cfg.tracker
 
     def tracker(rate: float) -> ByteTracker:
-        return ByteTracker(TrackerConfig(track_thresh=t.track_thresh, low_thresh=t.low_thresh,
-                                         new_track_thresh=t.new_track_thresh, match_thresh=t.match_thresh,
-                                         min_hits=t.min_hits, lost_buffer_s=t.lost_buffer_s, frame_rate=rate))
+        return ByteTracker(tracker_config(cfg, rate, models.detector.family))
 
     worker = CameraWorker(cam_name, cfg.node_id, source, models, tracker, build_rules(cam, models.detector), [])
     names = models.names
@@ -156,7 +154,73 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
     return rows
 
 
+def _frames(video: Optional[Path], n: int) -> list[np.ndarray]:
+    """Up to ``n`` consecutive frames of ``video`` (none when it is missing or unreadable)."""
+    if video is None:
+        return []
+    cap = cv2.VideoCapture(str(video))
+    out = []
+    while len(out) < n:
+        ok, image = cap.read()
+        if not ok:
+            break
+        out.append(image)
+    cap.release()
+    return out
+
+
+def bench_tracker_rows(video: Optional[Path], frames: int) -> list[tuple[str, str]]:
+    """Tracker time per frame (median) at 10 and 50 objects, without and with camera-motion compensation
+    on the video's frames, and the compensation alone."""
+    from .tracking.bytetrack import bench_tracker
+    from .tracking.motion import CameraMotion
+
+    rows = []
+    n = max(100, min(frames, 500))
+    images = _frames(video, n)
+    for objects in (10, 50):
+        rows.append((f"tracker, {objects} objects", f"{bench_tracker(objects, n):.3f} ms per frame (median)"))
+    if not images:
+        return rows + [("motion compensation", "skipped: no video frames (--video)")]
+    h, w = images[0].shape[:2]
+    where = f"{Path(str(video)).name} {w}x{h}"
+    for method in ("sparse_flow", "ecc"):
+        cm = CameraMotion(method)
+        times = []
+        for image in images:
+            t0 = time.perf_counter()
+            cm.estimate(image)
+            times.append((time.perf_counter() - t0) * 1000)
+        rows.append((f"motion compensation, {method}", f"{np.median(times[1:]):.3f} ms per frame (median, {where})"))
+    for objects in (10, 50):
+        ms = bench_tracker(objects, len(images), images=images, motion_compensation="sparse_flow")
+        rows.append((f"tracker + sparse_flow, {objects} objects", f"{ms:.3f} ms per frame (median, {where})"))
+    return rows
+
+
+def run_bench_trackers(args: argparse.Namespace) -> int:
+    from .evaluation.compare import compare_suite, comparison_table, default_peers_python, summary_table
+    from .evaluation.runner import RunSpec
+
+    if not args.suite:
+        raise EdgecvError("bench trackers: --suite DIR is required (sequence folders with video.* and gt.txt)")
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None
+    spec = RunSpec(config=args.config, model=None if args.config else args.model, classes=classes, conf=args.conf,
+                   threads=args.threads)
+    python = Path(args.peers_python) if args.peers_python else default_peers_python()
+    comparisons = compare_suite(args.suite, spec, python, args.peers, on_sequence=lambda c: print(
+        f"  {c.sequence}: {c.results[0].frames} frames", file=sys.stderr))
+    print("edgecv bench trackers: every tracker on the same detections (edgecv's pipeline), "
+          f"{'config ' + args.config if args.config else Path(args.model).name}, scored at IoU 0.5")
+    print(comparison_table(comparisons))
+    print()
+    print(summary_table(comparisons))
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.what == "trackers":
+        return run_bench_trackers(args)
     if args.what == "driving":
         rows = [("cpu cores", str(os.cpu_count())),
                 ("threads", str(args.threads) if args.threads else "runtime default")]
@@ -166,7 +230,6 @@ def run_bench(args: argparse.Namespace) -> int:
     from .engine.bench import bench_model
     from .engine.registry import build_detector
     from .track import track_video
-    from .tracking.bytetrack import bench_tracker
 
     model = assets.resolve(args.model)
     video = assets.resolve(args.video)
@@ -198,7 +261,6 @@ def run_bench(args: argparse.Namespace) -> int:
             ("track / model-only", f"{res.fps / model_fps:.2f}" if model_fps else "n/a"),
         ]
     if args.what in ("tracker", "all"):
-        for n in (10, 50):
-            rows.append((f"tracker, {n} objects", f"{bench_tracker(n_objects=n, n_frames=300):.3f} ms per frame"))
+        rows += bench_tracker_rows(video, args.frames)
     print(_table(rows, f"edgecv bench {args.what}"))
     return 0

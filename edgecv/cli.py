@@ -64,6 +64,52 @@ def cmd_track(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.runner import RunSpec, evaluate, evaluate_suite, events_table, metrics_table, score_results, to_json
+
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None
+    spec = RunSpec(config=args.config, camera=args.camera, model=args.model, family=args.family, classes=classes,
+                   conf=args.conf, threads=args.threads, tolerance_s=args.tolerance_s)
+    if args.suite:
+        if args.video or args.gt or args.results:
+            return _fail("--suite takes no VIDEO, --gt or --results", EXIT_CONFIG)
+        results = evaluate_suite(args.suite, spec, on_sequence=None if args.json else (
+            lambda r: print(f"  {r.name}: {r.frames} frames in {r.seconds:.1f} s", file=sys.stderr)))
+    else:
+        if not args.gt:
+            return _fail("--gt GT.txt is required (or --suite DIR)", EXIT_CONFIG)
+        if args.results:
+            results = [score_results(args.gt, args.results, args.video)]
+        else:
+            if not args.video:
+                return _fail("VIDEO is required (or --suite DIR, or --results FILE)", EXIT_CONFIG)
+            if not (args.config or args.model):
+                return _fail("give --config CONFIG or --model MODEL (how to run the pipeline)", EXIT_CONFIG)
+            results = [evaluate(args.video, args.gt, spec)]
+    if args.json:
+        print(to_json(results))
+        return EXIT_OK
+    print(metrics_table(results))
+    for r in results:
+        if r.events is not None:
+            print(f"\nevents of {r.name} (matched within {args.tolerance_s:g} s, boxes overlapping):")
+            print(events_table(r))
+    return EXIT_OK
+
+
+def cmd_variants(args: argparse.Namespace) -> int:
+    from .evaluation.variants import DEFAULT_VARIANTS, PanSettings, make_variants
+
+    specs = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else list(DEFAULT_VARIANTS)
+    settings = PanSettings(seed=args.seed)
+    n = 0
+    for folder in make_variants(Path(args.suite), Path(args.out), specs, settings, copy_base=not args.no_base):
+        n += 1
+        print(folder)
+    print(f"{n} sequence folders in {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "soak":
         from .config import ConfigError
@@ -140,10 +186,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mot", required=True, help="output file (frame,id,x,y,w,h,score,-1,-1,-1)")
     t.set_defaults(func=cmd_track)
 
+    v = sub.add_parser("eval", help="score tracking (MOTA, IDF1, ...) and events against ground truth")
+    v.add_argument("video", nargs="?", help="the annotated video")
+    v.add_argument("--gt", help="its ground truth, MOT-challenge rows frame,id,x,y,w,h,flag,class,visibility")
+    v.add_argument("--suite", help="a folder of sequence folders (video.*, gt.txt, optional config.yaml, seqinfo.ini)")
+    v.add_argument("--config", help="run this config's camera on the video (zones and lines give event accuracy)")
+    v.add_argument("--camera", help="with --config: the camera whose settings are used (default: the first)")
+    v.add_argument("--model", help="or run this model with the settings below (no config)")
+    v.add_argument("--family", default="auto", choices=["auto", "yolox", "yolov8"])
+    v.add_argument("--classes", default=None, help="comma-separated labels (default: the gt's classes, e.g. person)")
+    v.add_argument("--conf", type=float, default=0.3, help="detector confidence threshold (default 0.3)")
+    v.add_argument("--threads", type=int, default=None, help="inference threads")
+    v.add_argument("--results", help="score this MOT result file instead of running the pipeline")
+    v.add_argument("--tolerance-s", type=float, default=1.0,
+                   help="events: largest time between a found and a true event that still match (default 1 s)")
+    v.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    v.set_defaults(func=cmd_eval)
+
+    va = sub.add_parser("variants", help="make moving-camera, low-fps and half-size variants of annotated sequences")
+    va.add_argument("suite", help="folder of sequence folders (video.*, gt.txt, optional seqinfo.ini)")
+    va.add_argument("out", help="folder to write the sequences (copies) and their variants to")
+    va.add_argument("--variants", default=None,
+                    help="comma-separated, e.g. pan,shake,drop2,half,pan+drop2 (default: a set of eight)")
+    va.add_argument("--seed", type=int, default=0, help="seed of the camera paths (default 0)")
+    va.add_argument("--no-base", action="store_true", help="do not copy the original sequences")
+    va.set_defaults(func=cmd_variants)
+
     b = sub.add_parser("bench", help="benchmarks, printed as a table")
-    b.add_argument("what", choices=["model", "track", "tracker", "all", "soak", "driving"])
+    b.add_argument("what", choices=["model", "track", "tracker", "trackers", "all", "soak", "driving"])
     b.add_argument("config", nargs="?", help="soak: the daemon config to run (file cameras are looped); "
-                   "driving: its config (default configs/driving.yaml)")
+                   "driving: its config (default configs/driving.yaml); trackers: a config to run instead of --model")
     b.add_argument("--model", default="models/yolox_nano.onnx")
     b.add_argument("--video", default="media/vtest.avi")
     b.add_argument("--threads", type=int, default=None)
@@ -153,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=float, default=None,
                    help="soak: seconds before the growth baseline (default a quarter of --duration, at most 120)")
     b.add_argument("--out", default=None, help="soak: also write the samples to this CSV file")
+    b.add_argument("--suite", default=None, help="trackers: folder of annotated sequences (as for edgecv eval --suite)")
+    b.add_argument("--classes", default=None, help="trackers: labels tracked (default: the gt's classes)")
+    b.add_argument("--conf", type=float, default=0.3, help="trackers: detector confidence threshold (default 0.3)")
+    b.add_argument("--peers", default="bytetrack,ocsort,botsort,cbiou,mcbyte",
+                   help="trackers: peer trackers of roboflow trackers to run (default: all five)")
+    b.add_argument("--peers-python", default=None,
+                   help="trackers: a Python with roboflow trackers installed (default .venv-peers/bin/python, "
+                        "made by scripts/peers.sh, or $EDGECV_PEERS_PYTHON)")
     b.add_argument("--max-rss-mb", type=float, default=50.0, help="soak: allowed RSS growth in MB (default 50)")
     b.add_argument("--max-threads", type=int, default=2, help="soak: allowed thread-count growth (default 2)")
     b.add_argument("--max-fds", type=int, default=10, help="soak: allowed open-fd growth (default 10)")

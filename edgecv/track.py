@@ -1,20 +1,26 @@
-"""Offline tracking of a video file to MOT-challenge rows (`edgecv track`).
+"""Offline runs of the daemon's pipeline on a video file: `edgecv track` (MOT-challenge rows) and the runs that
+`edgecv eval` and the benchmarks score.
 
-Runs the same threaded pipeline as the daemon (capture + preprocessing, inference, post-processing
-and tracking on their own threads), with the file read as fast as possible and no frame dropped.
+The same threaded pipeline as the daemon (capture + preprocessing, inference, post-processing, tracking and
+rules on their own threads), with the file read as fast as possible and no frame dropped.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from . import EdgecvError
-from .config import ConfigError, parse
-from .daemon import load_detector
-from .pipeline import Pipeline
+from .config import Config, ConfigError, parse
+from .daemon import load_models
+from .evaluation.mot import format_rows
+from .pipeline import EventSink, ModelSet, Pipeline
 from .types import Detections, Frame
+
+# config field paths as the command line names them
+_CLI_NAMES = (("cameras.video.source", "VIDEO"), ("model.path", "--model"), ("model.classes", "--classes"),
+              ("model.conf", "--conf"), ("model.threads", "--threads"), ("model.family", "--family"))
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,21 @@ class TrackResult:
     seconds: float
     rows: int
     tracks: int
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class OfflineRun:
+    """What one offline run of one camera did."""
+
+    frames: int  # frames processed
+    seconds: float
+    source_fps: float  # the file's frame rate (what the tracker was told)
+    frame_size: tuple[int, int]
+    pipeline: Pipeline
 
     @property
     def fps(self) -> float:
@@ -41,10 +62,9 @@ class MotWriter:
     def write(self, frame: Frame, tracks: Detections) -> None:
         if tracks.track_id is None:
             return
-        lines = []
-        for (x1, y1, x2, y2), tid, score in zip(tracks.xyxy.tolist(), tracks.track_id.tolist(), tracks.score.tolist()):
-            lines.append(f"{frame.index},{tid},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{score:.4f},-1,-1,-1\n")
-            self.ids.add(tid)
+        ids = tracks.track_id.tolist()
+        lines = format_rows(frame.index, ids, tracks.xyxy, tracks.score.tolist())
+        self.ids.update(ids)
         self._f.writelines(lines)
         self.rows += len(lines)
 
@@ -52,9 +72,9 @@ class MotWriter:
         self._f.close()
 
 
-def track_video(video: str, model: str, mot: str, family: str = "auto", classes: Optional[Sequence[str]] = None,
-                conf: float = 0.3, threads: Optional[int] = None, max_frames: Optional[int] = None,
-                tracker: Optional[dict] = None) -> TrackResult:
+def offline_config(video: str, model: str, family: str = "auto", classes: Optional[Sequence[str]] = None,
+                   conf: float = 0.3, threads: Optional[int] = None, tracker: Optional[dict] = None) -> Config:
+    """The config of a command-line run (`edgecv track`, `edgecv eval --model`): one camera named ``video``."""
     raw = {
         "node_id": "track",
         "mqtt": {"enabled": False},
@@ -65,23 +85,64 @@ def track_video(video: str, model: str, mot: str, family: str = "auto", classes:
         "cameras": {"video": {"source": video, "realtime": False, "objects": {"new": False, "lost": False}}},
     }
     try:
-        cfg = parse(raw, source="edgecv track", base_dir=Path.cwd())
-        detector = load_detector(cfg)
+        return parse(raw, source="command line", base_dir=Path.cwd())
     except ConfigError as e:
-        raise EdgecvError("; ".join(p.replace("cameras.video.source", "VIDEO").replace("model.path", "--model")
-                                    .replace("model.classes", "--classes") for p in e.problems)) from None
-    writer = MotWriter(Path(mot))
-    pipeline = Pipeline(cfg, detector, sinks=[], max_frames=max_frames, on_tracks=lambda _c, f, t: writer.write(f, t))
-    t0 = time.perf_counter()
+        raise EdgecvError("; ".join(_cli_names(p) for p in e.problems)) from None
+
+
+def _cli_names(problem: str) -> str:
+    for field, name in _CLI_NAMES:
+        problem = problem.replace(field, name)
+    return problem
+
+
+def config_for_video(cfg: Config, camera: Optional[str], video: str) -> tuple[Config, str]:
+    """``cfg`` with only ``camera`` (default: the first), reading ``video`` as fast as possible."""
+    name = camera or next(iter(cfg.cameras))
+    if name not in cfg.cameras:
+        raise EdgecvError(f"--camera: no camera {name!r} in the config (cameras: {', '.join(cfg.cameras)})")
+    cam = cfg.cameras[name].model_copy(update={"source": video, "type": "file", "realtime": False, "loop": False,
+                                              "max_fps": None, "pace_fps": None})
+    return cfg.model_copy(update={"cameras": {name: cam}}), name
+
+
+def load_offline_models(cfg: Config, cli: bool = False) -> ModelSet:
+    """The config's models, with config problems as one EdgecvError (named as on the command line when ``cli``)."""
     try:
-        pipeline.run()
-    finally:
-        writer.close()
+        return load_models(cfg)
+    except ConfigError as e:
+        raise EdgecvError("; ".join(_cli_names(p) if cli else p for p in e.problems)) from None
+
+
+def run_offline(cfg: Config, models: Any, camera: str, sinks: Sequence[EventSink] = (),
+                on_tracks: Optional[Callable[[Frame, Detections], None]] = None,
+                on_detections: Optional[Callable[[Frame, Detections], None]] = None,
+                max_frames: Optional[int] = None) -> OfflineRun:
+    """Run the pipeline on ``camera`` of ``cfg`` (a file read with ``realtime: false``) to its end."""
+    pipeline = Pipeline(cfg, models, sinks=list(sinks), max_frames=max_frames,
+                        on_tracks=(lambda _c, f, t: on_tracks(f, t)) if on_tracks else None,
+                        on_detections=(lambda _c, f, d: on_detections(f, d)) if on_detections else None)
+    t0 = time.perf_counter()
+    pipeline.run()
     seconds = time.perf_counter() - t0
-    worker = pipeline.workers["video"]
-    source = pipeline.sources["video"]
+    worker, source = pipeline.workers[camera], pipeline.sources[camera]
     if source.state == "failed":
-        raise EdgecvError(f"{video}: {source.reason}")
+        raise EdgecvError(f"{source.location}: {source.reason}")
     if pipeline.inference.error:
         raise EdgecvError(pipeline.inference.error)
-    return TrackResult(worker.processed, seconds, writer.rows, len(writer.ids))
+    if worker.error:
+        raise EdgecvError(worker.error)
+    return OfflineRun(worker.processed, seconds, source.fps, worker.frame_size, pipeline)
+
+
+def track_video(video: str, model: str, mot: str, family: str = "auto", classes: Optional[Sequence[str]] = None,
+                conf: float = 0.3, threads: Optional[int] = None, max_frames: Optional[int] = None,
+                tracker: Optional[dict] = None) -> TrackResult:
+    cfg = offline_config(video, model, family, classes, conf, threads, tracker)
+    models = load_offline_models(cfg, cli=True)
+    writer = MotWriter(Path(mot))
+    try:
+        run = run_offline(cfg, models, "video", on_tracks=writer.write, max_frames=max_frames)
+    finally:
+        writer.close()
+    return TrackResult(run.frames, run.seconds, writer.rows, len(writer.ids))

@@ -3,7 +3,7 @@
 # Assets (models, videos) come from $EDGECV_ASSETS, default ../shared next to the repository.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$REPO/scripts/setup.sh" "cpu,dev"
+bash "$REPO/scripts/setup.sh" "cpu,dev,eval"
 if [ -z "${EDGECV_ASSETS:-}" ] && [ -d "$REPO/../shared/models" ]; then
   EDGECV_ASSETS="$(cd "$REPO/../shared" && pwd)"
 fi

@@ -1,0 +1,207 @@
+"""`edgecv eval`: run the pipeline on annotated clips and score it (tracking metrics and event accuracy).
+
+One sequence: a video, its ground truth (MOT-challenge ``gt.txt``) and how to run the pipeline, either a
+config (its camera's source replaced by the video) or a model with command-line settings. A suite is a
+folder of sequence folders, each with ``video.*``, ``gt.txt``, optional ``seqinfo.ini`` and optional
+``config.yaml`` (which wins over the command line's config or model for that sequence).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .. import EdgecvError
+from ..config import ConfigError, load
+from ..pipeline import build_rules, tracker_config
+from ..track import config_for_video, load_offline_models, offline_config, run_offline
+from ..types import Detections, Event, Frame
+from .events import EventScore, event_key, match_events, reference_events, scored_rules
+from .metrics import COLUMNS, mean_row, score
+from .mot import FrameBoxes, MotSequence, load_gt, load_results
+from .variants import sequence_dirs
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How to run the pipeline on a sequence: ``config`` (+ ``camera``), or ``model`` with these settings."""
+
+    config: Optional[str] = None
+    camera: Optional[str] = None
+    model: Optional[str] = None
+    family: str = "auto"
+    classes: Optional[tuple[str, ...]] = None  # default: the labels of the gt's classes
+    conf: float = 0.3
+    threads: Optional[int] = None
+    tolerance_s: float = 1.0  # event matching: largest frame gap, in seconds of the clip
+
+
+@dataclass
+class SequenceResult:
+    name: str
+    frames: int
+    fps: float  # the clip's frame rate
+    seconds: float  # wall time of the pipeline run
+    metrics: dict[str, float]
+    events: Optional[list[EventScore]] = None  # None when the config has no zone or line
+    tracker: str = "edgecv"
+    tracks: Optional[MotSequence] = None  # what the tracker reported (not in the JSON)
+
+    def row(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sequence": self.name, "tracker": self.tracker, "frames": self.frames,
+                               "fps": round(self.fps, 3), "run_seconds": round(self.seconds, 3),
+                               **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.metrics.items()}}
+        if self.events is not None:
+            out["events"] = [e.to_dict() for e in self.events]
+            out["event_f1"] = round(self.events[-1].f1, 4)
+        return out
+
+
+class _Collector:
+    """Tracks (as MOT rows in memory) and events of one offline run."""
+
+    def __init__(self) -> None:
+        self.frames: dict[int, FrameBoxes] = {}
+        self.events: list[Event] = []
+
+    def tracks(self, frame: Frame, tracks: Detections) -> None:
+        if tracks.track_id is not None and len(tracks):
+            self.frames[frame.index] = FrameBoxes(tracks.track_id.copy(), tracks.xyxy.astype(np.float64),
+                                                  tracks.score.astype(np.float64))
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+
+def _sequence_spec(spec: RunSpec, folder: Path) -> RunSpec:
+    own = folder / "config.yaml"
+    return replace(spec, config=str(own), camera=None) if own.is_file() else spec
+
+
+def evaluate(video: str, gt_path: str, spec: RunSpec, name: Optional[str] = None,
+             on_detections: Optional[Callable[[Frame, Detections], None]] = None) -> SequenceResult:
+    """Run the pipeline on ``video`` as ``spec`` says and score it against ``gt_path``."""
+    if not Path(video).is_file():
+        raise EdgecvError(f"VIDEO: file not found: {video}")
+    gt = load_gt(gt_path)
+    if spec.config:
+        try:
+            base = load(spec.config)
+        except ConfigError as e:
+            raise EdgecvError("; ".join(e.problems)) from None
+        cfg, camera = config_for_video(base, spec.camera, str(Path(video).resolve()))
+        models = load_offline_models(cfg)
+    elif spec.model:
+        classes = list(spec.classes) if spec.classes else gt.labels()
+        cfg, camera = offline_config(str(Path(video).resolve()), spec.model, spec.family, classes, spec.conf,
+                                     spec.threads), "video"
+        models = load_offline_models(cfg, cli=True)
+    else:
+        raise EdgecvError("give --config CONFIG or --model MODEL (how to run the pipeline)")
+    collector = _Collector()
+    run = run_offline(cfg, models, camera, sinks=[collector], on_tracks=collector.tracks, on_detections=on_detections)
+    if not run.frames:
+        raise EdgecvError(f"{video}: no frame decoded")
+    tracks = MotSequence(collector.frames)
+    metrics = score(gt, tracks, last_frame=run.frames)
+    fps = run.source_fps or 10.0
+    cam = cfg.cameras[camera]
+    rules = scored_rules(build_rules(cam, models.detector))
+    events = None
+    if rules:
+        label = _gt_label(cfg, models.detector, gt)
+        ref = reference_events(rules, gt, models.detector.class_ids([label])[0], models.detector.names, fps,
+                               run.frame_size, run.frames, tracker_config(cfg, fps, models.detector.family).lost_buffer, camera, cfg.node_id)
+        names = {r.name for r in rules}
+        pred = [e for e in collector.events if e.rule in names and event_key(e)[0].startswith(("zone.", "line."))]
+        tolerance = max(1, int(math.ceil(spec.tolerance_s * fps)))
+        expected = [("line.cross", r.name, d) for r in rules if r.kind == "line" for d in ("in", "out")]
+        events = match_events(pred, ref, tolerance, keys=expected)
+    return SequenceResult(name or _name(video), run.frames, fps, run.seconds, metrics, events, tracks=tracks)
+
+
+def _name(video: str) -> str:
+    """A sequence's name: the video's file name, or its folder's for a sequence folder's ``video.*``."""
+    p = Path(video)
+    return p.parent.resolve().name if p.stem == "video" else p.stem
+
+
+def _gt_label(cfg: Any, detector: Any, gt: MotSequence) -> str:
+    """The detector label the gt objects are given for the rules: the gt's class, if the model tracks it."""
+    wanted = gt.labels()
+    _, model = next(iter(cfg.model_sections))
+    tracked = model.classes or list(detector.names)
+    for label in wanted:
+        if label in tracked:
+            return label
+    return tracked[0]
+
+
+def evaluate_suite(suite: str, spec: RunSpec,
+                   on_sequence: Optional[Callable[[SequenceResult], None]] = None) -> list[SequenceResult]:
+    results = []
+    for folder in sequence_dirs(Path(suite)):
+        video = sorted(p for p in folder.glob("video.*") if p.is_file())[0]
+        result = evaluate(str(video), str(folder / "gt.txt"), _sequence_spec(spec, folder), name=folder.name)
+        results.append(result)
+        if on_sequence is not None:
+            on_sequence(result)
+    return results
+
+
+# ---- output
+
+def _fmt(value: float, integer: bool) -> str:
+    return f"{value:.0f}" if integer else f"{value:.3f}"
+
+
+def metrics_table(results: Sequence[SequenceResult], mean: bool = True, with_tracker: bool = False) -> str:
+    """One row per sequence (and tracker), then the mean (rates) / sum (counts) over sequences."""
+    head = ["sequence"] + (["tracker"] if with_tracker else []) + [c.label for c in COLUMNS] + ["events F1"]
+    rows = []
+    for r in results:
+        f1 = f"{r.events[-1].f1:.3f}" if r.events else "-"
+        rows.append([r.name] + ([r.tracker] if with_tracker else [])
+                    + [_fmt(r.metrics[c.key], c.integer) for c in COLUMNS] + [f1])
+    if mean and len(results) > 1 and not with_tracker:
+        m = mean_row([r.metrics for r in results])
+        f1s = [r.events[-1].f1 for r in results if r.events]
+        rows.append(["mean (counts: sum)"] + [_fmt(m[c.key], c.integer) for c in COLUMNS]
+                    + [f"{np.mean(f1s):.3f}" if f1s else "-"])
+    return _grid(head, rows)
+
+
+def events_table(result: SequenceResult) -> str:
+    assert result.events is not None
+    head = ["event", "truth", "found", "matched", "precision", "recall", "F1", "count error"]
+    rows = [[e.label, str(e.truth), str(e.predicted), str(e.matched), f"{e.precision:.3f}", f"{e.recall:.3f}",
+             f"{e.f1:.3f}", f"{e.count_error:+d}"] for e in result.events]
+    return _grid(head, rows)
+
+
+def _grid(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = "  ".join("-" * w for w in widths)
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head), line, *(fmt(r) for r in rows)])
+
+
+def to_json(results: Sequence[SequenceResult]) -> str:
+    out: dict[str, Any] = {"sequences": [r.row() for r in results]}
+    if len(results) > 1:
+        out["mean"] = {k: round(v, 4) for k, v in mean_row([r.metrics for r in results]).items()}
+    return json.dumps(out, indent=2)
+
+
+def score_results(gt_path: str, results_path: str, video: Optional[str] = None) -> SequenceResult:
+    """Score an existing MOT result file (any tracker's); frames up to the last of gt and results."""
+    gt = load_gt(gt_path)
+    results = load_results(results_path, "--results")
+    frames = max(gt.last_frame, results.last_frame)
+    name = _name(video) if video else Path(results_path).stem
+    return SequenceResult(name, frames, 0.0, 0.0, score(gt, results, last_frame=frames), tracker=Path(results_path).stem,
+                          tracks=results)
