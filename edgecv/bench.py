@@ -206,7 +206,7 @@ def run_bench_trackers(args: argparse.Namespace) -> int:
         raise EdgecvError("bench trackers: --suite DIR is required (sequence folders with video.* and gt.txt)")
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None
     spec = RunSpec(config=args.config, model=None if args.config else args.model, classes=classes, conf=args.conf,
-                   threads=args.threads)
+                   threads=args.threads, tracker=tuple(args.tracker or ()))
     python = Path(args.peers_python) if args.peers_python else default_peers_python()
     comparisons = compare_suite(args.suite, spec, python, args.peers, on_sequence=lambda c: print(
         f"  {c.sequence}: {c.results[0].frames} frames", file=sys.stderr))

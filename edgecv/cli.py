@@ -65,11 +65,21 @@ def cmd_track(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.runner import RunSpec, evaluate, evaluate_suite, events_table, metrics_table, score_results, to_json
+    from .evaluation.runner import (
+        RunSpec,
+        evaluate,
+        evaluate_suite,
+        events_table,
+        metrics_table,
+        pooled_events,
+        score_results,
+        to_json,
+    )
 
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None
     spec = RunSpec(config=args.config, camera=args.camera, model=args.model, family=args.family, classes=classes,
-                   conf=args.conf, threads=args.threads, tolerance_s=args.tolerance_s)
+                   conf=args.conf, threads=args.threads, tolerance_s=args.tolerance_s, rules=args.rules,
+                   tracker=tuple(args.tracker or ()))
     if args.suite:
         if args.video or args.gt or args.results:
             return _fail("--suite takes no VIDEO, --gt or --results", EXIT_CONFIG)
@@ -90,10 +100,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(to_json(results))
         return EXIT_OK
     print(metrics_table(results))
-    for r in results:
-        if r.events is not None:
-            print(f"\nevents of {r.name} (matched within {args.tolerance_s:g} s, boxes overlapping):")
-            print(events_table(r))
+    how = f"matched within {args.tolerance_s:g} s, boxes overlapping"
+    if len(results) == 1 and results[0].events is not None:
+        print(f"\nevents of {results[0].name} ({how}):")
+        print(events_table(results[0].events))
+    elif pooled_events(results):
+        print(f"\nevents, all sequences together ({how}):")
+        print(events_table(pooled_events(results)))
     return EXIT_OK
 
 
@@ -103,7 +116,8 @@ def cmd_variants(args: argparse.Namespace) -> int:
     specs = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else list(DEFAULT_VARIANTS)
     settings = PanSettings(seed=args.seed)
     n = 0
-    for folder in make_variants(Path(args.suite), Path(args.out), specs, settings, copy_base=not args.no_base):
+    for folder in make_variants(Path(args.suite), Path(args.out), specs, settings, copy_base=not args.no_base,
+                                rules=args.rules):
         n += 1
         print(folder)
     print(f"{n} sequence folders in {args.out}", file=sys.stderr)
@@ -197,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--classes", default=None, help="comma-separated labels (default: the gt's classes, e.g. person)")
     v.add_argument("--conf", type=float, default=0.3, help="detector confidence threshold (default 0.3)")
     v.add_argument("--threads", type=int, default=None, help="inference threads")
+    v.add_argument("--rules", help="with --model: a YAML file of `zones` and `lines` (as in a camera section) whose "
+                   "events are scored (a sequence folder's rules.yaml is used the same way)")
+    v.add_argument("--tracker", action="append", metavar="KEY=VALUE",
+                   help="a tracker setting for this run, e.g. --tracker motion_compensation=off (repeatable)")
     v.add_argument("--results", help="score this MOT result file instead of running the pipeline")
     v.add_argument("--tolerance-s", type=float, default=1.0,
                    help="events: largest time between a found and a true event that still match (default 1 s)")
@@ -210,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated, e.g. pan,shake,drop2,half,pan+drop2 (default: a set of eight)")
     va.add_argument("--seed", type=int, default=0, help="seed of the camera paths (default 0)")
     va.add_argument("--no-base", action="store_true", help="do not copy the original sequences")
+    va.add_argument("--rules", action="store_true",
+                    help="also write a rules.yaml per sequence (two counting lines and a zone, placed by frame size) "
+                         "so that edgecv eval --suite scores event accuracy")
     va.set_defaults(func=cmd_variants)
 
     b = sub.add_parser("bench", help="benchmarks, printed as a table")
@@ -228,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--suite", default=None, help="trackers: folder of annotated sequences (as for edgecv eval --suite)")
     b.add_argument("--classes", default=None, help="trackers: labels tracked (default: the gt's classes)")
     b.add_argument("--conf", type=float, default=0.3, help="trackers: detector confidence threshold (default 0.3)")
+    b.add_argument("--tracker", action="append", metavar="KEY=VALUE",
+                   help="trackers: an edgecv tracker setting for this run (repeatable)")
     b.add_argument("--peers", default="bytetrack,ocsort,botsort,cbiou,mcbyte",
                    help="trackers: peer trackers of roboflow trackers to run (default: all five)")
     b.add_argument("--peers-python", default=None,

@@ -312,6 +312,11 @@ class TrackerSection(_Model):
         "auto", description="Camera-motion compensation (moving cameras): sparse_flow, ecc, auto (sparse flow, "
         "used only while the camera is seen to move) or off")
 
+    @field_validator("motion_compensation", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
     @model_validator(mode="after")
     def _order(self) -> "TrackerSection":
         if self.low_thresh > self.track_thresh:

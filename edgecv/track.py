@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import yaml
+
 from . import EdgecvError
 from .config import Config, ConfigError, parse
 from .daemon import load_models
@@ -19,7 +21,7 @@ from .pipeline import EventSink, ModelSet, Pipeline
 from .types import Detections, Frame
 
 # config field paths as the command line names them
-_CLI_NAMES = (("cameras.video.source", "VIDEO"), ("model.path", "--model"), ("model.classes", "--classes"),
+_CLI_NAMES = (("cameras.video.source", "VIDEO"), ("cameras.video.", "--rules: "), ("model.path", "--model"), ("model.classes", "--classes"),
               ("model.conf", "--conf"), ("model.threads", "--threads"), ("model.family", "--family"))
 
 
@@ -73,8 +75,10 @@ class MotWriter:
 
 
 def offline_config(video: str, model: str, family: str = "auto", classes: Optional[Sequence[str]] = None,
-                   conf: float = 0.3, threads: Optional[int] = None, tracker: Optional[dict] = None) -> Config:
-    """The config of a command-line run (`edgecv track`, `edgecv eval --model`): one camera named ``video``."""
+                   conf: float = 0.3, threads: Optional[int] = None, tracker: Optional[dict] = None,
+                   rules: Optional[dict] = None) -> Config:
+    """The config of a command-line run (`edgecv track`, `edgecv eval --model`): one camera named ``video``,
+    with the ``zones`` and ``lines`` of ``rules`` (as in a camera section) when given."""
     raw = {
         "node_id": "track",
         "mqtt": {"enabled": False},
@@ -82,7 +86,8 @@ def offline_config(video: str, model: str, family: str = "auto", classes: Option
         "model": {"path": model, "family": family, "conf": conf, "classes": list(classes) if classes else None,
                   "threads": threads},
         "tracker": tracker or {},
-        "cameras": {"video": {"source": video, "realtime": False, "objects": {"new": False, "lost": False}}},
+        "cameras": {"video": {"source": video, "realtime": False, "objects": {"new": False, "lost": False},
+                              **(rules or {})}},
     }
     try:
         return parse(raw, source="command line", base_dir=Path.cwd())
@@ -104,6 +109,26 @@ def config_for_video(cfg: Config, camera: Optional[str], video: str) -> tuple[Co
     cam = cfg.cameras[name].model_copy(update={"source": video, "type": "file", "realtime": False, "loop": False,
                                               "max_fps": None, "pace_fps": None})
     return cfg.model_copy(update={"cameras": {name: cam}}), name
+
+
+def with_tracker(cfg: Config, overrides: Sequence[str]) -> Config:
+    """``cfg`` with ``tracker`` settings from the command line (``KEY=VALUE``, the value read as YAML)."""
+    if not overrides:
+        return cfg
+    tracker = dict(cfg.tracker.model_dump())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EdgecvError(f"--tracker: expected KEY=VALUE, got {item!r}")
+        try:
+            tracker[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise EdgecvError(f"--tracker: {key.strip()}: cannot read the value {value!r}") from None
+    data = {**cfg.model_dump(), "tracker": tracker}
+    try:
+        return parse(data, source="command line", base_dir=Path(cfg.base_dir) if cfg.base_dir else None)
+    except ConfigError as e:
+        raise EdgecvError("; ".join(f"--tracker: {p}" for p in e.problems)) from None
 
 
 def load_offline_models(cfg: Config, cli: bool = False) -> ModelSet:

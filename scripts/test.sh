@@ -4,6 +4,8 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$REPO/scripts/setup.sh" "cpu,dev,eval"
+# the peer trackers `edgecv bench trackers` compares with, in their own environment (tests/test_eval.py)
+bash "$REPO/scripts/peers.sh" >/dev/null
 if [ -z "${EDGECV_ASSETS:-}" ] && [ -d "$REPO/../shared/models" ]; then
   EDGECV_ASSETS="$(cd "$REPO/../shared" && pwd)"
 fi

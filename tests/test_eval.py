@@ -17,7 +17,7 @@ from edgecv.evaluation.events import EventScore, match_events, reference_events
 from edgecv.evaluation.metrics import identities, score
 from edgecv.evaluation.mot import FrameBoxes, MotSequence, load_gt, load_results
 from edgecv.evaluation.runner import RunSpec, evaluate
-from edgecv.evaluation.variants import apply, read_clip, write_clip
+from edgecv.evaluation.variants import apply, generic_rules, read_clip, write_clip
 from edgecv.types import Event, ObjectInfo
 
 pytestmark = pytest.mark.integration
@@ -227,11 +227,20 @@ def test_suite_runs_every_sequence_and_prints_the_mean(assets: Path, tmp_path: P
     lines = r.stdout.splitlines()
     assert lines[0].split()[:3] == ["sequence", "MOTA", "IDF1"]
     assert [ln.split()[0] for ln in lines[2:]] == ["a", "b", "mean"]
+    assert "events" not in r.stdout.split("events F1")[1]  # no rules: no event table
+    # a sequence folder's rules.yaml adds event accuracy; the suite's events are pooled over sequences
+    for name in ("a", "b"):
+        (suite / name / "rules.yaml").write_text(yaml.safe_dump(generic_rules(read_clip(suite / name).size)))
     r = _cli(assets, tmp_path, "eval", "--suite", str(suite), "--model", "models/yolox_nano.onnx", "--json")
     data = json.loads(r.stdout)
     assert [s["sequence"] for s in data["sequences"]] == ["a", "b"]
     assert data["mean"]["mota"] == pytest.approx((data["sequences"][0]["mota"] + data["sequences"][1]["mota"]) / 2,
                                                  abs=1e-3)
+    total = [e for e in data["events"] if e["type"] == "all"][0]
+    per_seq = [[e for e in s["events"] if e["type"] == "all"][0] for s in data["sequences"]]
+    assert total["truth"] == sum(e["truth"] for e in per_seq) > 0
+    assert total["matched"] == sum(e["matched"] for e in per_seq)
+    assert data["mean"]["event_f1"] == total["f1"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -271,10 +280,12 @@ def test_variants_command_writes_sequences_with_shifted_gt(assets: Path, tmp_pat
     (src / "TUD").mkdir(parents=True)
     for f in ("video.mp4", "gt.txt", "seqinfo.ini"):
         (src / "TUD" / f).symlink_to(assets / TUD / f)
-    r = _cli(assets, tmp_path, "variants", str(src), str(tmp_path / "out"), "--variants", "pan,drop2,half")
+    r = _cli(assets, tmp_path, "variants", str(src), str(tmp_path / "out"), "--variants", "pan,drop2,half", "--rules")
     assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["TUD", "TUD~drop2", "TUD~half", "TUD~pan"]
+    rules = yaml.safe_load((tmp_path / "out" / "TUD~half" / "rules.yaml").read_text())
+    assert rules["lines"]["vertical"]["points"] == [[160.0, 0], [160.0, 239]]  # placed by the half frame size
     base, half = load_gt(tmp_path / "out" / "TUD" / "gt.txt"), load_gt(tmp_path / "out" / "TUD~half" / "gt.txt")
     assert np.allclose(half.frames[5].xyxy, base.frames[5].xyxy / 2, atol=0.01)
     drop = load_gt(tmp_path / "out" / "TUD~drop2" / "gt.txt")
@@ -282,3 +293,51 @@ def test_variants_command_writes_sequences_with_shifted_gt(assets: Path, tmp_pat
     assert "frameRate=12.5" in (tmp_path / "out" / "TUD~drop2" / "seqinfo.ini").read_text()
     r = _cli(assets, tmp_path, "variants", str(src), str(tmp_path / "o2"), "--variants", "spin")
     assert r.returncode == 1 and "--variants: unknown variant 'spin'" in r.stderr
+
+
+def test_rules_file_errors_name_the_field(assets: Path, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"lines": {"door": {"points": [[1, 2]]}}}))
+    r = _cli(assets, tmp_path, "eval", str(assets / TUD / "video.mp4"), "--gt", str(assets / TUD / "gt.txt"),
+             "--model", "models/yolox_nano.onnx", "--rules", str(rules))
+    assert r.returncode == 1
+    assert "--rules: lines.door.points: needs exactly 2 points, got 1" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    rules.write_text("cameras: {}\n")
+    r = _cli(assets, tmp_path, "eval", str(assets / TUD / "video.mp4"), "--gt", str(assets / TUD / "gt.txt"),
+             "--model", "models/yolox_nano.onnx", "--rules", str(rules))
+    assert r.returncode == 1 and "expected a mapping with only `zones` and `lines`" in r.stderr
+
+
+def _kitti_suite(assets: Path, tmp_path: Path) -> Path:
+    suite = tmp_path / "kitti"
+    for name in ("KITTI-tracking-0003-f000-015", "KITTI-tracking-0005-f000-015"):
+        (suite / name).mkdir(parents=True)
+        for f in ("video.mp4", "gt.txt", "seqinfo.ini"):
+            (suite / name / f).symlink_to(assets / "media" / "mot" / name / f)
+    return suite
+
+
+def test_bench_trackers_runs_the_peers_on_edgecv_detections(assets: Path, tmp_path: Path) -> None:
+    """The roboflow trackers (installed by scripts/peers.sh into .venv-peers) on the detections edgecv's
+    pipeline made; edgecv's own row is what `edgecv eval` gives."""
+    from conftest import REPO
+
+    peers = REPO / ".venv-peers" / "bin" / "python"
+    if not peers.exists():
+        pytest.fail("the peer trackers are not installed: run scripts/peers.sh (scripts/test.sh does)")
+    suite = _kitti_suite(assets, tmp_path)
+    r = _cli(assets, tmp_path, "bench", "trackers", "--suite", str(suite))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for name in ("bytetrack", "ocsort", "botsort", "cbiou", "mcbyte"):
+        assert len([ln for ln in out.splitlines() if ln.split()[:1] == [name] or f" {name} " in ln]) == 2
+    assert "at or above on both" in out and "mean / count (2)" in out
+    r = _cli(assets, tmp_path, "eval", "--suite", str(suite), "--model", "models/yolox_nano.onnx", "--json")
+    ours = {s["sequence"]: s for s in json.loads(r.stdout)["sequences"]}
+    for name, seq in ours.items():
+        row = next(ln for ln in out.splitlines() if ln.startswith(name) and "edgecv" in ln).split()
+        assert float(row[2]) == pytest.approx(seq["mota"], abs=6e-4)  # the table rounds to 3 digits, JSON to 4
+        assert float(row[3]) == pytest.approx(seq["idf1"], abs=6e-4)
+    r = _cli(assets, tmp_path, "bench", "trackers", "--suite", str(suite), "--peers-python", "/nonexistent/python")
+    assert r.returncode == 1 and "run scripts/peers.sh" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -67,13 +67,31 @@ def test_sparse_flow_recovers_zoom_and_ignores_moving_objects(street: np.ndarray
 
 
 def test_auto_reports_no_motion_for_a_fixed_camera_and_the_motion_of_a_moving_one(street: np.ndarray) -> None:
-    cm = CameraMotion("auto")
-    cm.estimate(street)
-    assert cm.estimate(street.copy()) is None and not cm.moving
-    moved, truth = _moved(street, 6.0, 0.0, 0.0, 1.0)
-    est = cm.estimate(moved)
-    assert cm.moving and est is not None
-    assert abs(est[0, 2] - 6.0) < 0.5
+    cm = CameraMotion("auto", still_every=5)
+    looks = []
+    original = cm._small_grey
+    cm._small_grey = lambda image: looks.append(1) or original(image)  # count the frames actually looked at
+    assert cm.estimate(street) is None and cm.moving  # a new stream is looked at on every frame at first
+    for _ in range(5):
+        assert cm.estimate(street.copy()) is None
+    assert not cm.moving and len(looks) == 6  # seen still five times: a still camera
+    for _ in range(10):  # nothing to compensate, and only one frame in five is looked at
+        assert cm.estimate(street.copy()) is None and not cm.moving
+    assert len(looks) == 6 + 2
+    # the camera moves by 6 px: caught at the next look, whole
+    moved, _ = _moved(street, 6.0, 0.0, 0.0, 1.0)
+    results = [cm.estimate(moved) for _ in range(5)]
+    found = [m for m in results if m is not None]
+    assert len(found) == 1 and cm.moving
+    assert abs(found[0][0, 2] - 6.0) < 0.5 and abs(found[0][1, 2]) < 0.5
+    # while moving, every frame is looked at; after five still looks it is a still camera again
+    further, _ = _moved(street, 9.0, 0.0, 0.0, 1.0)
+    step = cm.estimate(further)
+    assert step is not None and abs(step[0, 2] - 3.0) < 0.5
+    before = len(looks)
+    for _ in range(5):
+        assert cm.estimate(further) is None
+    assert len(looks) - before == 5 and not cm.moving
 
 
 def test_estimate_gives_none_on_a_blank_frame_and_after_a_size_change(street: np.ndarray) -> None:

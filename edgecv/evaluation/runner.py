@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import yaml
 
 from .. import EdgecvError
 from ..config import ConfigError, load
 from ..pipeline import build_rules, tracker_config
-from ..track import config_for_video, load_offline_models, offline_config, run_offline
+from ..track import config_for_video, load_offline_models, offline_config, run_offline, with_tracker
 from ..types import Detections, Event, Frame
 from .events import EventScore, event_key, match_events, reference_events, scored_rules
 from .metrics import COLUMNS, mean_row, score
@@ -38,6 +39,8 @@ class RunSpec:
     conf: float = 0.3
     threads: Optional[int] = None
     tolerance_s: float = 1.0  # event matching: largest frame gap, in seconds of the clip
+    rules: Optional[str] = None  # with ``model``: a YAML file of `zones` and `lines` (as in a camera section)
+    tracker: tuple[str, ...] = ()  # tracker settings overridden, "KEY=VALUE"
 
 
 @dataclass
@@ -78,8 +81,24 @@ class _Collector:
 
 
 def _sequence_spec(spec: RunSpec, folder: Path) -> RunSpec:
-    own = folder / "config.yaml"
-    return replace(spec, config=str(own), camera=None) if own.is_file() else spec
+    """A sequence folder's own ``config.yaml`` wins; its ``rules.yaml`` joins a command-line model run."""
+    own, rules = folder / "config.yaml", folder / "rules.yaml"
+    if own.is_file():
+        return replace(spec, config=str(own), camera=None)
+    return replace(spec, rules=str(rules)) if rules.is_file() and not spec.config else spec
+
+
+def load_rules(path: str) -> dict:
+    """`zones` and `lines` from a rules file (checked with the camera section's validation when used)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgecvError(f"--rules: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    except yaml.YAMLError as e:
+        raise EdgecvError(f"--rules: {path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or set(data) - {"zones", "lines"}:
+        raise EdgecvError(f"--rules: {path}: expected a mapping with only `zones` and `lines`")
+    return data
 
 
 def evaluate(video: str, gt_path: str, spec: RunSpec, name: Optional[str] = None,
@@ -94,11 +113,14 @@ def evaluate(video: str, gt_path: str, spec: RunSpec, name: Optional[str] = None
         except ConfigError as e:
             raise EdgecvError("; ".join(e.problems)) from None
         cfg, camera = config_for_video(base, spec.camera, str(Path(video).resolve()))
+        cfg = with_tracker(cfg, spec.tracker)
         models = load_offline_models(cfg)
     elif spec.model:
         classes = list(spec.classes) if spec.classes else gt.labels()
+        rules = load_rules(spec.rules) if spec.rules else None
         cfg, camera = offline_config(str(Path(video).resolve()), spec.model, spec.family, classes, spec.conf,
-                                     spec.threads), "video"
+                                     spec.threads, rules=rules), "video"
+        cfg = with_tracker(cfg, spec.tracker)
         models = load_offline_models(cfg, cli=True)
     else:
         raise EdgecvError("give --config CONFIG or --model MODEL (how to run the pipeline)")
@@ -115,7 +137,8 @@ def evaluate(video: str, gt_path: str, spec: RunSpec, name: Optional[str] = None
     if rules:
         label = _gt_label(cfg, models.detector, gt)
         ref = reference_events(rules, gt, models.detector.class_ids([label])[0], models.detector.names, fps,
-                               run.frame_size, run.frames, tracker_config(cfg, fps, models.detector.family).lost_buffer, camera, cfg.node_id)
+                               run.frame_size, run.frames, tracker_config(cfg, fps, models.detector.family).lost_buffer, camera,
+                               cfg.node_id)
         names = {r.name for r in rules}
         pred = [e for e in collector.events if e.rule in names and event_key(e)[0].startswith(("zone.", "line."))]
         tolerance = max(1, int(math.ceil(spec.tolerance_s * fps)))
@@ -169,17 +192,32 @@ def metrics_table(results: Sequence[SequenceResult], mean: bool = True, with_tra
                     + [_fmt(r.metrics[c.key], c.integer) for c in COLUMNS] + [f1])
     if mean and len(results) > 1 and not with_tracker:
         m = mean_row([r.metrics for r in results])
-        f1s = [r.events[-1].f1 for r in results if r.events]
+        pooled = pooled_events(results)
         rows.append(["mean (counts: sum)"] + [_fmt(m[c.key], c.integer) for c in COLUMNS]
-                    + [f"{np.mean(f1s):.3f}" if f1s else "-"])
+                    + [f"{pooled[-1].f1:.3f}" if pooled else "-"])
     return _grid(head, rows)
 
 
-def events_table(result: SequenceResult) -> str:
-    assert result.events is not None
+def pooled_events(results: Sequence[SequenceResult]) -> list[EventScore]:
+    """Event counts summed over sequences, per (type, rule, direction), then the total: the events F1 of a suite
+    (a mean of per-sequence F1s would weigh a clip with one event like one with a hundred)."""
+    sums: dict[tuple[str, str, str], list[int]] = {}
+    for r in results:
+        for e in r.events or []:
+            acc = sums.setdefault(e.key, [0, 0, 0])
+            acc[0] += e.truth
+            acc[1] += e.predicted
+            acc[2] += e.matched
+    total = sums.pop(("all", "", ""), None)
+    if total is None:
+        return []
+    return [EventScore(k, *v) for k, v in sorted(sums.items())] + [EventScore(("all", "", ""), *total)]
+
+
+def events_table(events: Sequence[EventScore]) -> str:
     head = ["event", "truth", "found", "matched", "precision", "recall", "F1", "count error"]
     rows = [[e.label, str(e.truth), str(e.predicted), str(e.matched), f"{e.precision:.3f}", f"{e.recall:.3f}",
-             f"{e.f1:.3f}", f"{e.count_error:+d}"] for e in result.events]
+             f"{e.f1:.3f}", f"{e.count_error:+d}"] for e in events]
     return _grid(head, rows)
 
 
@@ -194,6 +232,10 @@ def to_json(results: Sequence[SequenceResult]) -> str:
     out: dict[str, Any] = {"sequences": [r.row() for r in results]}
     if len(results) > 1:
         out["mean"] = {k: round(v, 4) for k, v in mean_row([r.metrics for r in results]).items()}
+        pooled = pooled_events(results)
+        if pooled:
+            out["events"] = [e.to_dict() for e in pooled]
+            out["mean"]["event_f1"] = round(pooled[-1].f1, 4)
     return json.dumps(out, indent=2)
 
 

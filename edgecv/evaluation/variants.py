@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import cv2
 import numpy as np
+import yaml
 
 from .. import EdgecvError
 
@@ -234,9 +235,26 @@ def sequence_dirs(suite: Path) -> list[Path]:
     return found
 
 
+def generic_rules(size: tuple[int, int]) -> dict:
+    """Rules for measuring event accuracy on any clip: a vertical and a horizontal counting line through the
+    frame and a zone on its right third (debounced as the config defaults are)."""
+    w, h = size
+    return {
+        "lines": {"vertical": {"points": [[w / 2, 0], [w / 2, h - 1]]},
+                  "horizontal": {"points": [[0, 0.6 * h], [w - 1, 0.6 * h]]}},
+        "zones": {"right": {"polygon": [[2 * w / 3, 0], [w - 1, 0], [w - 1, h - 1], [2 * w / 3, h - 1]]}},
+    }
+
+
+def _write_rules(folder: Path, size: tuple[int, int]) -> None:
+    (folder / "rules.yaml").write_text(yaml.safe_dump(generic_rules(size), default_flow_style=None), encoding="utf-8")
+
+
 def make_variants(suite: Path, out: Path, specs: Sequence[str] = DEFAULT_VARIANTS,
-                  settings: PanSettings = PanSettings(), copy_base: bool = True) -> Iterator[Path]:
-    """Write each sequence of ``suite`` (when ``copy_base``) and its variants under ``out``; yields the folders."""
+                  settings: PanSettings = PanSettings(), copy_base: bool = True, rules: bool = False) -> Iterator[Path]:
+    """Write each sequence of ``suite`` (when ``copy_base``) and its variants under ``out``; yields the folders.
+
+    With ``rules``, each folder also gets a ``rules.yaml`` (``generic_rules``) for event accuracy."""
     for folder in sequence_dirs(suite):
         clip = read_clip(folder)
         if copy_base:
@@ -245,6 +263,12 @@ def make_variants(suite: Path, out: Path, specs: Sequence[str] = DEFAULT_VARIANT
             for f in [*folder.glob("video.*"), folder / "gt.txt", folder / "seqinfo.ini"]:
                 if f.is_file():
                     shutil.copyfile(f, base / f.name)
+            if rules:
+                _write_rules(base, clip.size)
             yield base
         for spec in specs:
-            yield write_clip(apply(clip, spec, settings), out / f"{folder.name}~{spec}")
+            variant = apply(clip, spec, settings)
+            target = write_clip(variant, out / f"{folder.name}~{spec}")
+            if rules:
+                _write_rules(target, variant.size)
+            yield target

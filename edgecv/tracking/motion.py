@@ -17,7 +17,11 @@ Methods (``tracker.motion_compensation``):
   grey image; slower, and lost under large motion, but needs no texture corners.
 - ``auto``: ``sparse_flow``, but the estimate is only used once the camera is seen to move (a shift of
   more than ``deadband_px`` or a rotation/zoom beyond ``deadband_rel``); a fixed camera's noise of a few
-  tenths of a pixel is not fed to the tracker.
+  tenths of a pixel is not fed to the tracker. While the camera keeps still it is only looked at on one
+  call in ``still_every`` (the others return None at no cost); the look compares with the last frame
+  looked at, so motion that starts in between is caught whole at the next look (the tracks, not moved
+  in between, are then moved by all of it). A new stream, and a camera seen to move, is looked at on
+  every call until it has kept still for ``still_every`` looks in a row.
 - ``off``: nothing is estimated.
 
 ``estimate`` returns the motion from the previous frame given to it to this one, in source pixels, or None
@@ -43,7 +47,8 @@ class CameraMotion:
     """Estimates the background motion between consecutive calls (one instance per camera)."""
 
     def __init__(self, method: str = "sparse_flow", work_width: int = 400, max_corners: int = 150,
-                 min_inliers: int = 12, deadband_px: float = 0.5, deadband_rel: float = 2e-3) -> None:
+                 min_inliers: int = 12, deadband_px: float = 0.5, deadband_rel: float = 2e-3,
+                 still_every: int = 5) -> None:
         if method not in METHODS or method == "off":
             raise ValueError(f"CameraMotion.method: expected sparse_flow, ecc or auto, got {method!r}")
         self.method = method
@@ -56,13 +61,17 @@ class CameraMotion:
         self._prev_pts: Optional[np.ndarray] = None  # its corners, (N, 1, 2) float32, small-image pixels
         self._scale = 1.0  # source pixels per small-image pixel
         self._size: tuple[int, int] = (0, 0)
-        self.moving = False  # auto: whether the camera was seen to move on the last estimate
+        self.still_every = max(1, still_every)
+        self.moving = True  # auto: whether the camera is taken to be moving (until seen still)
+        self._still_looks = 0  # auto: estimates in a row without motion since it last moved
+        self._skipped = 0  # auto: calls not looked at since the last look
         self.last_inliers = 0
 
     def reset(self) -> None:
         self._prev = self._prev_pts = None
         self._size = (0, 0)
-        self.moving = False
+        self.moving = True
+        self._still_looks = self._skipped = 0
 
     def _small_grey(self, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
@@ -92,6 +101,11 @@ class CameraMotion:
         ``exclude``: (N, 4) boxes (source pixels, this frame) of objects whose points must not be used
         (they move on their own); they mask the corners taken from this frame when new ones are needed.
         """
+        if self.method == "auto" and not self.moving and self._prev is not None and image.shape[1::-1] == self._size:
+            self._skipped += 1
+            if self._skipped < self.still_every:
+                return None  # a still camera is only looked at now and then
+        self._skipped = 0
         grey = self._small_grey(image)
         prev, prev_pts = self._prev, self._prev_pts
         matrix, kept = None, None
@@ -112,8 +126,11 @@ class CameraMotion:
                 kept = fresh if kept is None or fresh is None else np.concatenate([kept, fresh])[:self.max_corners]
             self._prev_pts = kept
         if matrix is not None and self.method == "auto":
-            self.moving = self._significant(matrix)
-            if not self.moving:
+            if self._significant(matrix):
+                self.moving, self._still_looks = True, 0
+            else:
+                self._still_looks += 1
+                self.moving = self.moving and self._still_looks < self.still_every
                 return None
         return matrix
 
