@@ -304,6 +304,10 @@ class TrackerSection(_Model):
     confirm_thresh: Optional[float] = Field(
         None, ge=0, le=1, description="Mean detection score a tentative track needs to be confirmed (reported); "
         "default: by the detector's score calibration, 0.65 for yolox, 0.6 for yolov8")
+    report_thresh: Optional[float] = Field(
+        None, ge=0, le=1, description="A confirmed track is reported only while its detection scores confirm_thresh "
+        "or the moving average of its detection scores is at least this; default: by the detector's score "
+        "calibration, 0.6 for yolox, 0.55 for yolov8")
     match_thresh: float = Field(0.9, gt=0, le=1, description="Largest 1-IoU*score cost accepted in the first association")
     low_match_thresh: float = Field(0.6, gt=0, le=1, description="Largest 1-IoU cost accepted in the low-score association")
     min_hits: int = Field(2, ge=1, le=100, description="Consecutive matched frames before a track is confirmed")

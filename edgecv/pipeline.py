@@ -135,17 +135,20 @@ def build_rules(cam: CameraConfig, detector: Detector) -> list[Rule]:
     return rules
 
 
-# Mean score a tentative track needs before it is reported, by detector family: YOLOX scores (objectness x
-# class) run higher than YOLOv8's (class only) for the same objects; measured with `edgecv eval --suite`.
-CONFIRM_THRESH = {"yolox": 0.65, "yolov8": 0.6, "yolov8-seg": 0.6}
+# Score thresholds that depend on the detector's score calibration: YOLOX scores (objectness x class) run
+# higher than YOLOv8's (class only) for the same objects. (confirm_thresh, report_thresh) by family, measured
+# with `edgecv eval --suite`; other families get TrackerConfig's defaults.
+SCORE_THRESHOLDS = {"yolox": (0.65, 0.6), "yolov8": (0.6, 0.55), "yolov8-seg": (0.6, 0.55)}
 
 
 def tracker_config(cfg: Config, fps: float, family: str = "") -> TrackerConfig:
     """The tracker settings of ``cfg`` for a camera at ``fps`` whose detector is of ``family``."""
-    t = cfg.tracker
-    values = t.model_dump()
+    values = cfg.tracker.model_dump()
+    confirm, report = SCORE_THRESHOLDS.get(family, (TrackerConfig.confirm_thresh, TrackerConfig.report_thresh))
     if values["confirm_thresh"] is None:
-        values["confirm_thresh"] = CONFIRM_THRESH.get(family, TrackerConfig.confirm_thresh)
+        values["confirm_thresh"] = confirm
+    if values["report_thresh"] is None:
+        values["report_thresh"] = report
     return TrackerConfig(frame_rate=fps, **values)
 
 

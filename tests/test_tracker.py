@@ -255,10 +255,19 @@ def test_new_target_gets_next_id() -> None:
 
 def test_low_score_detections_keep_a_track_alive() -> None:
     fading = Target(gt=0, start=(100.0, 300.0), velocity=(4.0, 0.0), scores={f: LOW for f in range(10, 25)})
-    trace = run(ByteTracker(), [fading], 30)
-    assert all(trace.ids[f] == {0: 1} for f in range(2, 30))
-    assert all(trace.events[f] == [] for f in range(3, 30))
+    everything = ByteTracker(TrackerConfig(report_thresh=0.0))
+    trace = run(everything, [fading], 30)
+    assert all(trace.ids[f] == {0: 1} for f in range(1, 30))
+    assert all(trace.events[f] == [] for f in range(2, 30))
     np.testing.assert_allclose(trace.outputs[15].score, [LOW])
+    # by default a track carried by weak detections alone goes quiet after a while (its smoothed score falls
+    # under report_thresh), keeps its id and no lifecycle event, and is back on the first strong detection
+    trace = run(ByteTracker(), [fading], 30)
+    reported = [f for f in range(30) if trace.ids[f]]
+    assert all(trace.ids[f] == {0: 1} for f in reported)
+    assert set(range(1, 14)) <= set(reported) and not set(range(18, 25)) & set(reported)
+    assert set(range(25, 30)) <= set(reported)
+    assert all(trace.events[f] == [] for f in range(2, 30))
 
 
 @pytest.mark.parametrize("score", [0.05, LOW, 0.55])  # below low_thresh, low, high but < new_track_thresh
@@ -390,7 +399,17 @@ def test_a_half_believed_static_object_never_becomes_a_track() -> None:
     trace = run(ByteTracker(), [sign, person], 300)
     assert all(0 not in ids for ids in trace.ids)
     assert all(ids == {1: 1} for ids in trace.ids[1:])
-    assert run(ByteTracker(TrackerConfig(confirm_thresh=0.5)), [sign], 10).ids[-1] == {0: 1}
+    assert run(ByteTracker(TrackerConfig(confirm_thresh=0.5, report_thresh=0.0)), [sign], 10).ids[-1] == {0: 1}
+
+
+def test_a_doubtful_track_confirmed_by_chance_is_not_reported() -> None:
+    """Two lucky frames (0.7, 0.66) confirm the sign, then it scores 0.5: the smoothed score decides."""
+    scores = {0: 0.7, 1: 0.66, **{f: 0.5 for f in range(2, 60)}}
+    sign = Target(gt=0, start=(100.0, 100.0), size=(20.0, 35.0), scores=scores)
+    trace = run(ByteTracker(), [sign], 60)
+    assert trace.ids[1] == {0: 1}  # confirmed, and its score then was strong
+    assert not any(trace.ids[f] for f in range(10, 60))
+    assert all(trace.events[f] == [] for f in range(2, 60))  # still tracked, not lost
 
 
 def test_min_hits_one_reports_a_track_on_its_first_frame() -> None:

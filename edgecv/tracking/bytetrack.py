@@ -35,7 +35,12 @@ Lifecycle (events are listed in ``ByteTracker.events`` after the call that made 
   Confirmation assigns the next id of this tracker instance (1, 2, 3...) and emits
   ``"new"``. A tentative track that misses one call is dropped silently: neither it
   nor an id is ever reported.
-- tracked: confirmed and matched on this call; the only tracks ``update`` returns.
+- tracked: confirmed and matched on this call; the only tracks ``update`` returns, and
+  only while the moving average of their detections' scores (about the last ten) is
+  at least ``report_thresh``: a track kept alive by weak detections alone (the
+  low-score association exists to carry a real object through a partial occlusion)
+  goes quiet instead of reporting a doubtful object for minutes. It keeps its id and
+  is reported again once the detector believes it again.
 - lost: a confirmed track that went unmatched; ``"lost"`` is emitted on the first
   such call. It keeps being predicted (at constant velocity, height frozen) and
   can be matched again by a high-score detection, keeping its id (no event).
@@ -82,6 +87,7 @@ class TrackerConfig:
     low_thresh: float = 0.1  # detections below are ignored
     new_track_thresh: float = 0.5  # an unmatched detection at or above starts a (tentative) track
     confirm_thresh: float = 0.65  # mean score of a tentative track's detections needed to confirm it
+    report_thresh: float = 0.6  # a confirmed track is reported only while its smoothed score is at least this
     match_thresh: float = 0.9  # max cost (1 - IoU, or 1 - IoU * score with fuse_score) of the first association
     low_match_thresh: float = 0.6  # max cost (1 - IoU) of the second (low-score) association
     min_hits: int = 2  # consecutive matched calls before a track is confirmed
@@ -108,6 +114,7 @@ class TrackerConfig:
         )
         _require("confirm_thresh", 0.0 <= self.confirm_thresh <= 1.0, "0 <= confirm_thresh <= 1",
                  self.confirm_thresh)
+        _require("report_thresh", 0.0 <= self.report_thresh <= 1.0, "0 <= report_thresh <= 1", self.report_thresh)
         _require("min_hits", self.min_hits >= 1, "min_hits >= 1", self.min_hits)
         _require("lost_buffer_s", self.lost_buffer_s >= 0.0, "lost_buffer_s >= 0", self.lost_buffer_s)
         _require("frame_rate", self.frame_rate > 0.0, "frame_rate > 0", self.frame_rate)
@@ -138,6 +145,9 @@ class _State(enum.Enum):
     LOST = "lost"
 
 
+SCORE_EMA = 0.1  # weight of the newest detection in a track's smoothed score (about the last ten frames)
+
+
 @dataclass(eq=False, slots=True)
 class _Track:
     """Bookkeeping of one track (its Kalman state lives in the tracker's arrays)."""
@@ -152,6 +162,7 @@ class _Track:
     class_id: int = -1  # class with the largest summed detection score
     class_votes: dict[int, float] = field(default_factory=dict)  # class -> summed score
     score_sum: float = 0.0  # summed score of the matched detections
+    score_ema: float = 0.0  # exponential moving average of the matched scores (weight SCORE_EMA of the newest)
 
     @property
     def mean_score(self) -> float:
@@ -159,6 +170,7 @@ class _Track:
 
     def observe(self, frame: int, det_index: int, score: float, class_id: int) -> None:
         """Record a matched detection (the Kalman state is corrected by the caller)."""
+        self.score_ema = score if not self.hits else (1.0 - SCORE_EMA) * self.score_ema + SCORE_EMA * score
         self.hits += 1
         self.score_sum += score
         self.last_frame = frame
@@ -412,9 +424,12 @@ class ByteTracker:
             self._mean, self._cov = self._mean[keep], self._cov[keep]
 
     def _output(self, detections: Detections) -> Detections:
-        """The confirmed tracks matched on this call, in input order."""
+        """The confirmed tracks matched on this call whose smoothed score reaches ``report_thresh``, in input
+        order."""
+        floor, sure = self.config.report_thresh, self.config.confirm_thresh
         rows = sorted(
-            (t for t in self._tracks if t.state is _State.TRACKED and t.last_frame == self._frame),
+            (t for t in self._tracks
+             if t.state is _State.TRACKED and t.last_frame == self._frame and (t.score_ema >= floor or t.score >= sure)),
             key=lambda t: t.det_index,
         )
         det_index = np.array([t.det_index for t in rows], dtype=np.int64)
