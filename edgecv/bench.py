@@ -204,7 +204,10 @@ def run_bench_trackers(args: argparse.Namespace) -> int:
 
     if not args.suite:
         raise EdgecvError("bench trackers: --suite DIR is required (sequence folders with video.* and gt.txt)")
-    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None
+    listed = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    if args.classes is not None and not listed:
+        raise EdgecvError(f"--classes: no class name given (got {args.classes!r})")
+    classes = tuple(listed) if listed else None
     spec = RunSpec(config=args.config, model=None if args.config else args.model, classes=classes, conf=args.conf,
                    threads=args.threads, tracker=tuple(args.tracker or ()))
     python = Path(args.peers_python) if args.peers_python else default_peers_python()

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import EdgecvError, __version__
+from . import EdgecvError, UsageError, __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
@@ -33,30 +34,50 @@ def cmd_check(args: argparse.Namespace) -> int:
         cfg = load(args.config)
         if not args.no_model:
             load_detector(cfg)
-    except ConfigError as e:
+    except ConfigError as e:  # model problems too: they name their field (model.path, models[1])
         return _config_problems(e.problems)
-    except EdgecvError as e:  # errors of a model in `models` already start with their field path
-        return _config_problems([str(e) if str(e).startswith("models[") else f"model.path: {e}"])
     print(f"{args.config}: ok ({len(cfg.cameras)} camera(s): {', '.join(cfg.cameras)})")
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import ConfigError, load
-    from .daemon import run
+    from .daemon import Signals, run, setup_logging
 
+    setup_logging("info")
+    signals = Signals().install(reload=True)  # before anything else: a signal is never fatal, even now
+    logging.getLogger("edgecv").info("edgecv %s starting (pid %d): %s", __version__, os.getpid(), args.config)
+    if args.max_frames is not None and args.max_frames < 1:
+        return _fail(f"--max-frames: expected a positive number, got {args.max_frames}", EXIT_CONFIG)
     try:
         cfg = load(args.config)
         realtime = False if args.fast else None
-        return run(cfg, max_frames=args.max_frames, realtime=realtime, config_path=args.config)
+        return run(cfg, max_frames=args.max_frames, realtime=realtime, config_path=args.config, signals=signals)
     except ConfigError as e:
         return _config_problems(e.problems)
+
+
+def _classes(text: Optional[str]) -> Optional[list[str]]:
+    """--classes: comma-separated labels; given but naming none (",,") is an error, not "every class"."""
+    if text is None:
+        return None
+    classes = [c.strip() for c in text.split(",") if c.strip()]
+    if not classes:
+        raise UsageError(f"--classes: no class name given (got {text!r}); leave it out to keep every class")
+    return classes
 
 
 def cmd_track(args: argparse.Namespace) -> int:
     from .track import track_video
 
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    classes = _classes(args.classes)
+    if args.max_frames is not None and args.max_frames < 1:
+        return _fail(f"--max-frames: expected a positive number, got {args.max_frames}", EXIT_CONFIG)
+    out_dir = Path(args.mot).expanduser().parent
+    if not out_dir.is_dir():
+        return _fail(f"--mot: folder not found: {out_dir}", EXIT_CONFIG)
+    if Path(args.mot).is_dir():
+        return _fail(f"--mot: is a folder, not a file: {args.mot}", EXIT_CONFIG)
     result = track_video(args.video, args.model, args.mot, family=args.family, classes=classes, conf=args.conf,
                          threads=args.threads, max_frames=args.max_frames)
     print(f"{result.frames} frames processed in {result.seconds:.2f} s: {result.fps:.1f} fps, "
@@ -76,7 +97,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         to_json,
     )
 
-    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None
+    listed = _classes(args.classes)
+    classes = tuple(listed) if listed else None
     spec = RunSpec(config=args.config, camera=args.camera, model=args.model, family=args.family, classes=classes,
                    conf=args.conf, threads=args.threads, tolerance_s=args.tolerance_s, rules=args.rules,
                    tracker=tuple(args.tracker or ()))
@@ -284,8 +306,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack (diagnosing a stuck daemon)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = build_parser().parse_args(argv)
+    from .daemon import setup_logging
+
+    # every command logs in one format, warnings (NumPy's RuntimeWarning, EdgecvWarning) included, one line
+    # each: no raw, multi-line stderr; `run` sets the config's level once the config is read
+    setup_logging("warning")
     try:
         return int(args.func(args) or 0)
+    except UsageError as e:
+        return _fail(str(e), EXIT_CONFIG)
     except EdgecvError as e:
         return _fail(str(e))
     except KeyboardInterrupt:

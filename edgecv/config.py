@@ -10,6 +10,7 @@ import difflib
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
@@ -21,6 +22,16 @@ from .types import ANCHORS
 
 NAME_RE = r"^[A-Za-z0-9_-]{1,64}$"
 SECRET_KEYS = ("password", "username", "secret", "token")
+
+# Bounds on what a config may be: configs are small, and these keep a hostile or absurd file from costing
+# more than a fraction of a second and a few MB before it is rejected (all checked before anything walks it).
+MAX_CONFIG_BYTES = 1 << 20  # the file
+MAX_YAML_NODES = 100_000  # scalars, sequences and mappings, with every alias expanded
+MAX_YAML_DEPTH = 64  # nesting of sequences and mappings
+MAX_COORDINATE = 100_000.0  # px: zone, line and corridor coordinates
+MAX_VERTICES = 1_000  # per polygon
+MAX_DEVICE_INDEX = 1023  # V4L2 device index (a camera index must fit the capture API's int)
+MAX_TOPIC_PREFIX = 256  # characters; MQTT allows topics of up to 65,535 bytes
 
 
 class ConfigError(Exception):
@@ -41,7 +52,9 @@ def _one_line(text: str) -> str:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # no float field accepts nan or inf (YAML's .nan/.inf): a threshold or a coordinate that compares false
+    # with everything passes every bound check and never fires
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 Point = tuple[float, float]
@@ -53,11 +66,23 @@ def _check_points(points: list[Point], minimum: int, exact: bool = False) -> lis
         raise ValueError(f"needs exactly {minimum} points, got {n}")
     if n < minimum:
         raise ValueError(f"needs at least {minimum} points, got {n}")
+    if n > MAX_VERTICES:
+        raise ValueError(f"has {n} points, at most {MAX_VERTICES} are allowed")
     for x, y in points:
         if not (math.isfinite(x) and math.isfinite(y)):
             raise ValueError(f"coordinates must be finite numbers, got [{x:g}, {y:g}]")
         if x < 0 or y < 0:
             raise ValueError(f"coordinates must be >= 0 (source pixels), got [{x:g}, {y:g}]")
+        if x > MAX_COORDINATE or y > MAX_COORDINATE:
+            raise ValueError(f"coordinates must be <= {MAX_COORDINATE:g} (source pixels), got [{x:g}, {y:g}]")
+    return points
+
+
+def _check_polygon(points: list[Point]) -> list[Point]:
+    _check_points(points, 3)
+    area = 0.5 * abs(sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(points, points[1:] + points[:1])))
+    if area < 1.0:
+        raise ValueError(f"encloses no area ({area:g} px²): its points are on one line or one spot")
     return points
 
 
@@ -69,25 +94,27 @@ class _RuleBase(_Model):
 
 
 class ZoneConfig(_RuleBase):
-    polygon: list[Point] = Field(description="Polygon vertices in source pixels, at least 3")
+    polygon: list[Point] = Field(description="Polygon vertices in source pixels: 3 to 1000, coordinates 0 to 100000, "
+                                 "enclosing an area of at least 1 px²")
     loiter_s: Optional[float] = Field(None, gt=0, description="Emit zone.loiter once a track stays this long")
     exit_on_lost: bool = Field(True, description="Emit zone.exit when a track inside the zone is removed")
 
     @field_validator("polygon")
     @classmethod
     def _poly(cls, v: list[Point]) -> list[Point]:
-        return _check_points(v, 3)
+        return _check_polygon(v)
 
 
 class LineConfig(_RuleBase):
-    points: list[Point] = Field(description="Two points [[x1, y1], [x2, y2]] in source pixels")
+    points: list[Point] = Field(description="Two points [[x1, y1], [x2, y2]] in source pixels, coordinates 0 to "
+                                "100000, at least 1 px apart")
 
     @field_validator("points")
     @classmethod
     def _pts(cls, v: list[Point]) -> list[Point]:
         _check_points(v, 2, exact=True)
-        if v[0] == v[1]:
-            raise ValueError("the two points must differ")
+        if math.dist(v[0], v[1]) < 1.0:
+            raise ValueError(f"the two points must be at least 1 px apart, got {math.dist(v[0], v[1]):g} px")
         return v
 
 
@@ -122,14 +149,15 @@ class CollisionConfig(_Model):
     ego_path: Literal["auto", "drivable", "corridor", "either", "both"] = Field(
         "auto", description="Which objects are in the vehicle's path: on the drivable mask, in ego_corridor, either, "
         "both; auto: ego_corridor when given, else the drivable mask")
-    ego_corridor: Optional[list[Point]] = Field(None, description="Polygon of the vehicle's own path in source pixels (anchor inside)")
+    ego_corridor: Optional[list[Point]] = Field(None, description="Polygon of the vehicle's own path in source pixels "
+                                                "(anchor inside); bounds as a zone's polygon")
     anchor: Literal[ANCHORS] = Field("bottom_center", description="Point of the box tested against ego_corridor")  # type: ignore[valid-type]
     min_drivable: float = Field(0.2, gt=0, le=1, description="On the drivable mask: at least this share of the strip under the box is drivable")
 
     @field_validator("ego_corridor")
     @classmethod
     def _poly(cls, v: Optional[list[Point]]) -> Optional[list[Point]]:
-        return None if v is None else _check_points(v, 3)
+        return None if v is None else _check_polygon(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> "CollisionConfig":
@@ -166,7 +194,8 @@ SourceType = Literal["auto", "file", "rtsp", "stream", "v4l2", "gstreamer"]
 
 
 class CameraConfig(_Model):
-    source: Union[str, int] = Field(description="File path, rtsp:// URL, /dev/videoN or index, or GStreamer pipeline")
+    source: Union[str, int] = Field(description="File path, rtsp:// URL, /dev/videoN or device index 0 to 1023, or "
+                                    "GStreamer pipeline (at most 4096 characters)")
     type: SourceType = Field("auto", description="Source kind; auto: from `source`")
     realtime: bool = Field(True, description="Files: play at their own frame rate (false: as fast as possible, no drops)")
     loop: bool = Field(False, description="Files: start again at the end")
@@ -201,8 +230,11 @@ class CameraConfig(_Model):
     def _source(cls, v: Union[str, int]) -> Union[str, int]:
         if isinstance(v, str) and not v.strip():
             raise ValueError("must not be empty")
-        if isinstance(v, int) and v < 0:
-            raise ValueError(f"device index must be >= 0, got {v}")
+        if isinstance(v, str) and ("\0" in v or len(v) > 4096):
+            raise ValueError("must be at most 4096 characters, without NUL")
+        index = v if isinstance(v, int) else (int(v) if v.strip().isdigit() else None)
+        if index is not None and not 0 <= index <= MAX_DEVICE_INDEX:
+            raise ValueError(f"device index must be between 0 and {MAX_DEVICE_INDEX}, got {index}")
         return v
 
     @property
@@ -253,12 +285,18 @@ class MqttConfig(_Model):
     host: str = Field("localhost", min_length=1, description="Broker host name or address")
     port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS)")
     client_id: Optional[str] = Field(None, min_length=1, max_length=128, description="Default: edgecv-<node_id>")
-    username: Optional[str] = Field(None, description="Broker user; use ${ENV} for secrets")
-    password: Optional[str] = Field(None, description="Broker password; use ${ENV} for secrets (never logged)")
+    username: Optional[str] = Field(None, max_length=65535, description="Broker user; use ${ENV} for secrets")
+    password: Optional[str] = Field(None, max_length=65535,
+                                    description="Broker password; use ${ENV} for secrets (never logged)")
     qos: int = Field(1, ge=0, le=2, description="QoS of event messages")
-    topic_prefix: str = Field("edgecv", min_length=1, description="Topics are <prefix>/<node_id>/...")
+    topic_prefix: str = Field("edgecv", min_length=1, description="Topics are <prefix>/<node_id>/...; at most 256 "
+                              "characters, no control characters, + or #, no empty level")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive interval")
-    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version")
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version (5: the broker announces "
+                                            "its maximum packet size)")
+    max_packet_size: Optional[int] = Field(None, ge=128, le=268_435_455, description="The broker's maximum packet "
+                                           "size in bytes (Mosquitto's max_packet_size), when it does not announce it "
+                                           "(MQTT 3.1.1); default: announced (MQTT 5) or learned")
     tls: Optional[TLSConfig] = Field(None, description="TLS to the broker (absent: plain TCP)")
     publish_tracks: bool = Field(False, description="Publish per-frame track lists (QoS 0, rate-limited)")
     tracks_max_hz: float = Field(2.0, gt=0, le=100, description="Most track-list messages per second and camera")
@@ -269,8 +307,12 @@ class MqttConfig(_Model):
     @field_validator("topic_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if any(c in v for c in "+#\0") or v.startswith("/") or v.endswith("/"):
-            raise ValueError(f"must not contain + or # or start/end with '/', got {v!r}")
+        if len(v) > MAX_TOPIC_PREFIX:
+            raise ValueError(f"must be at most {MAX_TOPIC_PREFIX} characters, got {len(v)}")
+        if any(c in v for c in "+#") or v.startswith("/") or v.endswith("/") or "//" in v:
+            raise ValueError(f"must not contain + or # or an empty level ('/' at either end, '//'), got {v!r}")
+        if _LINE_BREAKING.search(v):
+            raise ValueError("must not contain control characters (MQTT topics are printable UTF-8)")
         return v
 
 
@@ -345,6 +387,9 @@ class Config(_Model):
     models: Optional[list[ModelConfig]] = Field(
         None, min_length=1, description="Models run on every frame: one detector (tracked) and any semseg segmenters")
     tracker: TrackerSection = TrackerSection()
+    failure_limit: int = Field(50, ge=1, le=100_000, description="Frames in a row whose inference or processing "
+                               "fails before a camera is given up (state failed); when inference fails that often, "
+                               "or every camera is given up, the daemon exits 1 so that a service manager restarts it")
     cameras: dict[str, CameraConfig] = Field(min_length=1)
     # where the file was loaded from (for resolving relative paths); not a YAML key
     base_dir: Optional[str] = Field(None, exclude=True)
@@ -502,7 +547,7 @@ def _format_error(err: dict, root: type[BaseModel]) -> str:
         msg = msg[len("Assertion failed, "):]
     secret = any(s in path.lower() for s in SECRET_KEYS)
     if "input" in err and not secret and typ not in ("value_error",) and not isinstance(err["input"], (dict, list)):
-        shown = repr(err["input"])
+        shown = repr(redact_location(err["input"]) if isinstance(err["input"], str) else err["input"])
         if len(shown) > 60:
             shown = shown[:57] + "..."
         msg = f"{msg} (got {shown})"
@@ -536,22 +581,99 @@ def parse(data: Any, source: str = "config", base_dir: Optional[Path] = None) ->
     return cfg
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that rejects duplicate keys (a typo that repeats `zones:` must not drop zones)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults`: keys written here override the merged ones, as YAML says
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the constructor below reports it
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_size(root: yaml.Node, where: str) -> None:
+    """Reject a document whose node graph, with every alias expanded, is too big, too deep or cyclic.
+
+    The composed graph shares aliased nodes, so it stays small even for an alias bomb; its expanded size is
+    counted here without expanding anything (each node's size computed once).
+    """
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    active: set[int] = set()
+
+    def walk(node: yaml.Node) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            return sizes[key], depths[key]
+        if key in active:
+            raise ConfigError([f"{where}: invalid YAML: an alias refers to a node that contains it (a cycle)"])
+        active.add(key)
+        size, depth = 1, 1
+        children = ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        for child in children:
+            n, d = walk(child)
+            size, depth = size + n, max(depth, d + 1)
+            if size > MAX_YAML_NODES:
+                raise ConfigError([f"{where}: invalid YAML: more than {MAX_YAML_NODES:,} values once its aliases are "
+                                   "expanded (an alias bomb?)"])
+            if depth > MAX_YAML_DEPTH:
+                raise ConfigError([f"{where}: invalid YAML: nested more than {MAX_YAML_DEPTH} levels deep"])
+        active.discard(key)
+        sizes[key], depths[key] = size, depth
+        return size, depth
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 4 * MAX_YAML_DEPTH + 200))
+    walk(root)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """A YAML document, checked against the bounds above before it is built into Python objects."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, where)
+        return loader.construct_document(node)
+    except RecursionError:  # nesting deeper than the parser itself can take, before the bounds can be checked
+        raise ConfigError([f"{where}: invalid YAML: nested more than {MAX_YAML_DEPTH} levels deep"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"{at}: invalid YAML: {problem}"]) from None
+    finally:
+        loader.dispose()
+
+
 def load(path: str | os.PathLike) -> Config:
     """Read, interpolate and validate a YAML config file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        if p.is_dir():
+            raise ConfigError([f"{p}: is a folder, not a config file"])
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError([f"{p}: config file is larger than {MAX_CONFIG_BYTES // 1024} KiB"])
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{p}: config file not found"]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"{p}: cannot read config file: {getattr(e, 'strerror', None) or e}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    data = load_yaml(text, str(p))
     if data is None:
         raise ConfigError([f"{p}: config file is empty"])
     return parse(data, source=str(p), base_dir=p.resolve().parent)
@@ -563,6 +685,21 @@ def resolve_path(cfg: Config, value: str) -> Optional[Path]:
         return assets.resolve(value, Path(cfg.base_dir) if cfg.base_dir else None)
     except (OSError, ValueError):  # e.g. ENAMETOOLONG, EACCES on a parent folder, an embedded NUL
         return None
+
+
+def _missing(cfg: Config, value: str) -> str:
+    """Why a file the config names is not usable: not found, or something that is not a regular file."""
+    p = Path(os.path.expanduser(value))
+    if not p.is_absolute() and cfg.base_dir:
+        p = Path(cfg.base_dir) / p
+    try:
+        if p.is_dir():
+            return "is a folder, not a file"
+        if p.exists():
+            return "is not a regular file (a device or a socket?)"
+    except OSError:
+        pass
+    return "file not found"
 
 
 def check_files(cfg: Config) -> list[str]:
@@ -581,13 +718,44 @@ def check_files(cfg: Config) -> list[str]:
                 problems.append(f"mqtt.tls.{name}: file not found: {val}")
     for cam_name, cam in cfg.cameras.items():
         if cam.kind == "file" and resolve_path(cfg, str(cam.source)) is None:
-            problems.append(f"cameras.{cam_name}.source: file not found: {cam.source} (also searched {roots})")
+            problems.append(f"cameras.{cam_name}.source: {_missing(cfg, str(cam.source))}: "
+                            f"{redact_location(str(cam.source))} (also searched {roots})")
     return problems
 
 
-def redact(text: str) -> str:
-    """Hide credentials in URLs (rtsp://user:pass@host -> rtsp://user:***@host)."""
-    return re.sub(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):[^@/\s]*@", r"\1:***@", str(text))
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:/{1,2})(.*)$", re.S)  # "rtsp://", also "rtsp:/" (a typo)
+
+
+def redact_location(location: str) -> str:
+    """A camera source with the URL's credentials hidden: ``rtsp://user:p@ss/w rd@host/x`` -> ``rtsp://user:***@host/x``.
+
+    The userinfo is everything between the scheme and the *last* ``@`` (a password may hold ``@``, ``/``,
+    ``:``, spaces or anything else, and a mistyped scheme such as ``rstp://`` or ``rtsp:/`` still counts);
+    the user name, up to its first ``:``, stays visible. A location without a scheme is only touched when it
+    has a ``:`` before its last ``@`` (``user:pass@host``), so a file path with an ``@`` stays as it is.
+    """
+    text = str(location)
+    at = text.rfind("@")
+    if at < 0:
+        return text
+    m = _SCHEME.match(text)
+    scheme, rest = (m.group(1), m.group(2)) if m else ("", text)
+    at = rest.rfind("@")
+    if at < 0 or (not scheme and ":" not in rest[:at]):
+        return text
+    userinfo = rest[:at]
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+    return f"{scheme}{user + ':' if user else ''}***@{rest[at + 1:]}"
+
+
+def redact(text: str, *locations: str) -> str:
+    """``text`` with each of ``locations`` replaced by its redacted form, and credentials of any other URL in it
+    hidden as far as free text allows (up to the last ``@`` before the next white space)."""
+    out = str(text)
+    for loc in locations:
+        if loc and "@" in loc:
+            out = out.replace(loc, redact_location(loc))
+    return re.sub(r"\b([A-Za-z][A-Za-z0-9+.-]*:/{1,2})(\S*)@", lambda m: redact_location(m.group(0) + "x")[:-1], out)
 
 
 def reference_markdown() -> str:

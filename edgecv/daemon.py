@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +31,15 @@ log = logging.getLogger("edgecv")
 SHUTDOWN_DEADLINE_S = 4.0
 
 
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: Optional[str] = None) -> None:
+    """warnings.showwarning: one log line (NumPy's RuntimeWarning, EdgecvWarning), not Python's two raw lines."""
+    logging.getLogger("edgecv.warnings").warning("%s: %s (%s:%d)", category.__name__, " ".join(str(message).split()),
+                                                 Path(filename).name, lineno)
+
+
 def setup_logging(level: str = "info") -> None:
+    warnings.showwarning = _warning_line
     root = logging.getLogger()
     if not any(getattr(h, "_edgecv", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -63,8 +73,8 @@ def load_models(cfg: Config) -> ModelSet:
         try:
             adapter = build_detector(model_path, family=m.family, backend=m.backend, conf=m.conf, iou=m.iou,
                                      classes=None, labels=labels, threads=m.threads)
-        except EdgecvError as e:
-            raise EdgecvError(f"{key}: {e}" if cfg.models is not None else str(e)) from None
+        except EdgecvError as e:  # a model that cannot be used is a problem of the config that names it
+            raise ConfigError([f"{key}: {e}" if cfg.models is not None else f"{key}.path: {e}"]) from None
         (detectors if adapter.kind == "detector" else segmenters).append((key, m, adapter))
     if len(detectors) != 1:
         found = ", ".join(f"{k} ({a.family})" for k, _, a in detectors + segmenters)
@@ -160,15 +170,48 @@ class TracksPublisher:
         self.publisher.publish_raw(self.publisher.topics.tracks(camera), json.dumps(body, separators=(",", ":")))
 
 
+class Signals:
+    """SIGTERM/SIGINT ask to stop, SIGHUP to reload the config. Installed first thing in `edgecv run`, before
+    the config and the models are loaded (minutes for a TensorRT build), so that a signal in that window is
+    never fatal: a stop during start-up ends the process at once with exit 0, a reload waits until start-up is
+    done (then the config is read again)."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.starting = True
+
+    def install(self, reload: bool) -> "Signals":
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, self._hup if reload else self._no_reload)
+        return self
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        log.info("received %s: %s", signal.Signals(signum).name,
+                 "stopping start-up and exiting" if self.starting else "shutting down")
+        self.stop.set()
+
+    def _hup(self, _signum: int, _frame: object) -> None:
+        if self.starting:
+            log.info("received SIGHUP during start-up: the config is read again once start-up is done")
+        self.reload.set()
+
+    def _no_reload(self, _signum: int, _frame: object) -> None:
+        log.info("received SIGHUP: ignored (no config file to reload)")
+
+
 class Daemon:
     def __init__(self, cfg: Config, max_frames: Optional[int] = None, realtime: Optional[bool] = None,
-                 config_path: Optional[str] = None) -> None:
+                 config_path: Optional[str] = None, signals: Optional[Signals] = None) -> None:
         self.realtime = realtime
         self.config_path = config_path
         self.cfg = cfg = self._override(cfg)
         self.max_frames = max_frames
-        self.stop_event = threading.Event()
-        self.reload_event = threading.Event()
+        self.signals = signals or Signals()
+        self.stop_event = self.signals.stop
+        self.reload_event = self.signals.reload
         self.models = load_models(cfg)
         self.detector = self.models.detector
         sinks: list[EventSink] = []
@@ -199,19 +242,6 @@ class Daemon:
             return cfg
         update = {"realtime": self.realtime, **({} if self.realtime else {"pace_fps": None})}
         return cfg.model_copy(update={"cameras": {n: c.model_copy(update=update) for n, c in cfg.cameras.items()}})
-
-    def _signal(self, signum: int, _frame: object) -> None:
-        log.info("received %s: shutting down", signal.Signals(signum).name)
-        self.stop_event.set()
-
-    def _hup(self, _signum: int, _frame: object) -> None:
-        self.reload_event.set()
-
-    def install_signals(self) -> None:
-        signal.signal(signal.SIGTERM, self._signal)
-        signal.signal(signal.SIGINT, self._signal)
-        if self.config_path is not None and hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, self._hup)
 
     def reload(self) -> bool:
         """SIGHUP: re-read the config file; apply rule, tracker and model-threshold changes to the running
@@ -303,6 +333,10 @@ class Daemon:
             if time.monotonic() >= next_stats:
                 self.publish_stats()
                 next_stats = time.monotonic() + cfg.mqtt.stats_interval_s
+            failed = self.pipeline.failed
+            if failed:
+                log.error("pipeline failed: %s; shutting down (exit 1)", failed)
+                break
             if self.pipeline.done:
                 log.info("all sources finished")
                 break
@@ -316,6 +350,10 @@ class Daemon:
             stats["spool"] = {**self.publisher.spool.stats(), "unspooled": self.publisher.unspooled,
                               "lost": self.publisher.lost}
             stats["mqtt"] = self.publisher.state
+            # the broker's maximum packet size when known (announced, configured or learned), and the stats, tracks
+            # and snapshot messages skipped because they were over it (oversize events: spool.dead_letter)
+            stats["mqtt_max_packet_size"] = self.publisher.max_packet
+            stats["mqtt_skipped"] = self.publisher.skipped
             self.publisher.publish_raw(self.publisher.topics.stats, json.dumps(stats, separators=(",", ":")))
         return stats
 
@@ -326,23 +364,52 @@ class Daemon:
             self.publisher.flush(max(0.2, SHUTDOWN_DEADLINE_S - 0.5 - (time.monotonic() - t0)))
         stats = self.publish_stats()
         for name, cam in stats["cameras"].items():
-            log.info("camera %s: %d frames read, %d processed, %d dropped, %d events", name, cam["frames_read"],
-                     cam["frames_processed"], cam["frames_dropped"], cam["events"])
+            failed = f", {cam['frames_failed']} failed" if cam["frames_failed"] else ""
+            log.info("camera %s: %d frames read, %d processed, %d dropped%s, %d events", name, cam["frames_read"],
+                     cam["frames_processed"], cam["frames_dropped"], failed, cam["events"])
         if self.publisher is not None:
             self.publisher.close(deadline_s=max(0.5, SHUTDOWN_DEADLINE_S - (time.monotonic() - t0)))
+            if self.publisher.spool.dead_letters:
+                log.warning("mqtt: %d events set aside as undeliverable (over the broker's maximum packet size): in "
+                            "the dead_letter table of %s", self.publisher.spool.dead_letters, self.publisher.spool.path)
             self.publisher.spool.close()
         failed = [f"{n}: {s.reason}" for n, s in self.pipeline.sources.items() if s.state == "failed"]
         for msg in failed:
             log.error("camera %s", msg)
-        return 1 if (failed and len(failed) == len(self.pipeline.sources)) or self.pipeline.inference.error else 0
+        return 1 if (failed and len(failed) == len(self.pipeline.sources)) or self.pipeline.failed else 0
 
 
 def run(cfg: Config, max_frames: Optional[int] = None, realtime: Optional[bool] = None,
-        config_path: Optional[str] = None) -> int:
+        config_path: Optional[str] = None, signals: Optional[Signals] = None) -> int:
+    """The daemon: start-up (models, spool, pipeline) on a helper thread so that the main thread keeps answering
+    signals, then the run. A SIGTERM/SIGINT during start-up exits 0 at once."""
     setup_logging(cfg.log_level)
-    try:
-        daemon = Daemon(cfg, max_frames=max_frames, realtime=realtime, config_path=config_path)
-    except SpoolError as e:
-        raise EdgecvError(str(e)) from None
-    daemon.install_signals()
-    return daemon.run()
+    if signals is None:
+        signals = Signals().install(reload=config_path is not None)
+    made: dict[str, Any] = {}
+
+    def start_up() -> None:
+        try:
+            made["daemon"] = Daemon(cfg, max_frames=max_frames, realtime=realtime, config_path=config_path,
+                                    signals=signals)
+        except BaseException as e:  # re-raised on the main thread
+            made["error"] = e
+
+    helper = threading.Thread(target=start_up, name="start-up", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        if signals.stop.wait(0.05):
+            log.info("start-up interrupted: exiting")
+            # the helper may be inside a model runtime's C++ code (a session, an engine build): ending the
+            # interpreter around it would abort; nothing has started that needs stopping, so leave at once
+            logging.shutdown()
+            os._exit(0)
+    error = made.get("error")
+    if isinstance(error, SpoolError):
+        raise EdgecvError(str(error)) from None
+    if error is not None:
+        raise error
+    signals.starting = False
+    if signals.stop.is_set():
+        return 0
+    return made["daemon"].run()

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
+from . import EdgecvError
 from .analytics.driving import CollisionRule, MaskZoneRule
 from .analytics.rules import FrameContext, LineRule, ObjectRule, Removed, Rule, ZoneRule
 from .config import CameraConfig, Config, resolve_path
@@ -178,7 +179,8 @@ class CameraWorker:
                  make_tracker: Callable[[float], ByteTracker], rules: Sequence[Rule], sinks: Sequence[EventSink],
                  on_tracks: Optional[Callable[[Frame, Detections], None]] = None, queue_size: int = 8,
                  on_events: Optional[EventsHook] = None,
-                 on_detections: Optional[Callable[[Frame, Detections], None]] = None) -> None:
+                 on_detections: Optional[Callable[[Frame, Detections], None]] = None,
+                 failure_limit: int = 50) -> None:
         self.name = name
         self.node = node
         self.source = source
@@ -206,6 +208,10 @@ class CameraWorker:
         self._last_index = 0
         self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
         self.error: Optional[str] = None
+        self.failure_limit = failure_limit
+        self.frames_failed = 0  # frames dropped because inference or their processing failed
+        self.failures_in_a_row = 0
+        self.failed: Optional[str] = None  # why this camera was given up (failure_limit frames failed in a row)
         # set by reconfigure() from another thread, taken by this worker's thread before its next frame
         self._new_rules: Optional[list[Rule]] = None
         self._new_tracker_config: Optional[TrackerConfig] = None
@@ -251,6 +257,19 @@ class CameraWorker:
                 if msg != self.error:
                     log.exception(msg)
                 self.error = msg
+                self.frame_failed(msg)
+            else:
+                self.failures_in_a_row = 0
+
+    def frame_failed(self, reason: str) -> None:
+        """A frame of this camera was dropped because inference or its processing failed (counted); after
+        ``failure_limit`` in a row the camera is given up: its source stops in state `failed`."""
+        self.frames_failed += 1
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= self.failure_limit and self.failed is None:
+            self.failed = f"{self.failures_in_a_row} frames in a row could not be processed: {reason}"
+            log.error("camera %s: giving up: %s", self.name, self.failed)
+            self.source.fail(self.failed)
 
     def process(self, prepared: Prepared, outputs: Sequence[list[np.ndarray]]) -> None:
         """One frame: ``outputs`` holds each model's outputs (ModelSet order) for this frame only."""
@@ -316,7 +335,7 @@ class InferenceWorker:
     hands each frame with all its models' outputs to its camera worker."""
 
     def __init__(self, models: Any, workers: dict[str, CameraWorker], notify: threading.Event,
-                 max_frames: Optional[int] = None) -> None:
+                 max_frames: Optional[int] = None, failure_limit: int = 50) -> None:
         self.models: ModelSet = models if isinstance(models, ModelSet) else ModelSet(models)
         self.detector = self.models.detector
         self.workers = workers
@@ -328,7 +347,11 @@ class InferenceWorker:
         self._counts = {name: 0 for name in workers}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
-        self.error: Optional[str] = None
+        self.error: Optional[str] = None  # set when inference is given up (the pipeline has failed)
+        self.failure_limit = failure_limit
+        self.failures = 0  # frames whose inference failed
+        self.failures_in_a_row = 0
+        self._reported: set[str] = set()  # distinct failure messages logged so far
 
     def start(self) -> None:
         self._thread.start()
@@ -361,6 +384,62 @@ class InferenceWorker:
                 return False
         return True
 
+    def _infer(self, chunk: Sequence[Prepared]) -> tuple[list[list[np.ndarray]], dict[int, list[Any]]]:
+        """Every model's outputs for a chunk of frames, and the placements where the GPU made the inputs."""
+        per_model: list[list[np.ndarray]] = []
+        total = 0.0
+        gpu_boxes: dict[int, list[Any]] = {}
+        for j, name in enumerate(self.models.names):
+            t0 = time.perf_counter()
+            outputs, boxes = self.models.infer(j, chunk)
+            per_model.append(outputs)
+            if boxes is not None:
+                gpu_boxes[j] = boxes
+            ms = (time.perf_counter() - t0) * 1000 / len(chunk)
+            self.model_ms[name].add(ms)
+            total += ms
+        self.infer_ms.add(total)
+        return per_model, gpu_boxes
+
+    def _hand_over(self, items: Sequence[tuple[CameraWorker, Prepared]], per_model: list[list[np.ndarray]],
+                   gpu_boxes: dict[int, list[Any]]) -> None:
+        for i, (w, p) in enumerate(items):
+            if gpu_boxes:
+                p = replace(p, boxes=tuple(gpu_boxes[j][i] if j in gpu_boxes else b for j, b in enumerate(p.boxes)))
+            self._counts[w.name] += 1
+            self.frames += 1
+            w.queue.put((p, [[o[i:i + 1] for o in outputs] for outputs in per_model]))
+
+    def _run_chunk(self, items: Sequence[tuple[CameraWorker, Prepared]]) -> bool:
+        """Infer a chunk and hand its frames on. When inference fails, a chunk of several frames is tried again
+        one frame at a time (so a frame that breaks the model costs only itself); a frame that fails alone is
+        dropped and counted, the failure logged once per distinct message. Returns False once inference has
+        failed ``failure_limit`` frames in a row: the pipeline has failed."""
+        try:
+            per_model, gpu_boxes = self._infer([p for _, p in items])
+        except Exception as e:
+            if len(items) > 1:
+                return all(self._run_chunk([item]) for item in items)
+            w, _ = items[0]
+            why = str(e) if isinstance(e, EdgecvError) else f"{type(e).__name__}: {e}"  # EdgecvError names the model
+            msg = f"inference failed: {' '.join(why.split())}"
+            if msg not in self._reported and len(self._reported) < 100:
+                self._reported.add(msg)
+                log.error("camera %s: %s (such frames are dropped and counted; this message is logged once)",
+                          w.name, msg)
+            self.failures += 1
+            self.failures_in_a_row += 1
+            self._counts[w.name] += 1
+            w.frame_failed(msg)
+            if self.failures_in_a_row >= self.failure_limit:
+                self.error = f"inference failed on {self.failures_in_a_row} frames in a row: {msg}"
+                log.error(self.error)
+                return False
+            return True
+        self.failures_in_a_row = 0
+        self._hand_over(items, per_model, gpu_boxes)
+        return True
+
     def _run(self) -> None:
         step = self.models.max_batch
         try:
@@ -373,30 +452,11 @@ class InferenceWorker:
                     self.notify.clear()
                     continue
                 for start in range(0, len(ready), step):
-                    chunk = ready[start:start + step]
-                    per_model: list[list[np.ndarray]] = []
-                    total = 0.0
-                    gpu_boxes: dict[int, list[Any]] = {}
-                    for j, name in enumerate(self.models.names):
-                        t0 = time.perf_counter()
-                        outputs, boxes = self.models.infer(j, [p for _, p in chunk])
-                        per_model.append(outputs)
-                        if boxes is not None:
-                            gpu_boxes[j] = boxes
-                        ms = (time.perf_counter() - t0) * 1000 / len(chunk)
-                        self.model_ms[name].add(ms)
-                        total += ms
-                    self.infer_ms.add(total)
-                    for i, (w, p) in enumerate(chunk):
-                        if gpu_boxes:
-                            p = replace(p, boxes=tuple(gpu_boxes[j][i] if j in gpu_boxes else b
-                                                       for j, b in enumerate(p.boxes)))
-                        self._counts[w.name] += 1
-                        self.frames += 1
-                        w.queue.put((p, [[o[i:i + 1] for o in outputs] for outputs in per_model]))
-        except Exception as e:
-            self.error = f"inference failed: {type(e).__name__}: {e}"
-            log.error(self.error)
+                    if not self._run_chunk(ready[start:start + step]):
+                        return
+        except Exception as e:  # not an inference error: a defect; the pipeline has failed
+            self.error = f"inference thread failed: {type(e).__name__}: {e}"
+            log.exception(self.error)
 
 
 class Pipeline:
@@ -427,8 +487,8 @@ class Pipeline:
             self.sources[name] = src
             self.workers[name] = CameraWorker(name, cfg.node_id, src, self.models, self._tracker_factory,
                                               build_rules(cam, self.detector), sinks, cb, on_events=ev,
-                                              on_detections=dh)
-        self.inference = InferenceWorker(self.models, self.workers, self.notify, max_frames)
+                                              on_detections=dh, failure_limit=cfg.failure_limit)
+        self.inference = InferenceWorker(self.models, self.workers, self.notify, max_frames, cfg.failure_limit)
         self.started_at = 0.0
 
     def _tracker_factory(self, fps: float) -> ByteTracker:
@@ -446,15 +506,27 @@ class Pipeline:
         """Start, process until every source is consumed (finite sources or max_frames), stop."""
         try:
             self.start()
-            while not self.done:
+            while not (self.done or self.failed):
                 time.sleep(poll_s)
         finally:
             self.stop()
 
     @property
     def done(self) -> bool:
-        """All input consumed (finite sources ended or --max-frames reached) and processed."""
-        return not self.inference.alive and all(w.queue.empty() for w in self.workers.values())
+        """All input consumed (finite sources ended or --max-frames reached) and processed (not `failed`)."""
+        return (self.failed is None and not self.inference.alive
+                and all(w.queue.empty() for w in self.workers.values()))
+
+    @property
+    def failed(self) -> Optional[str]:
+        """Why the pipeline cannot go on (inference failed ``failure_limit`` frames in a row, or every camera was
+        given up), else None. Never the same as `done`: a service must not take a failure for the end."""
+        if self.inference.error:
+            return self.inference.error
+        given_up = [w for w in self.workers.values() if w.failed]
+        if given_up and len(given_up) == len(self.workers):
+            return "every camera was given up: " + "; ".join(f"{w.name}: {w.failed}" for w in given_up)
+        return None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop sources, let in-flight frames finish, stop workers."""
@@ -489,6 +561,7 @@ class Pipeline:
                 "frames_read": s.stats.read,
                 "frames_processed": w.processed,
                 "frames_dropped": s.slot.dropped,
+                "frames_failed": w.frames_failed,
                 "frames_skipped": s.stats.skipped,
                 "reconnects": s.stats.reconnects,
                 "events": w.events,
@@ -498,7 +571,8 @@ class Pipeline:
                              "track_rules": w.rules_ms.percentiles()},
                 "models": dict(w.model_frames),
             }
-        return {"cameras": cams, "inference_ms": self.inference.infer_ms.percentiles(),
+        return {"cameras": cams, "pipeline": "failed" if self.failed else "running",
+                "inference_ms": self.inference.infer_ms.percentiles(),
                 "inference_ms_by_model": {n: m.percentiles() for n, m in self.inference.model_ms.items()},
                 "uptime_s": round(elapsed, 1), "threads": threading.active_count(),
                 "pid": os.getpid()}

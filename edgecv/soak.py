@@ -147,7 +147,7 @@ class _Probe:
 def soak(config: str, duration_s: float, interval_s: float = 10.0, warmup_s: Optional[float] = None,
          out: Optional[str] = None, bounds: Optional[Bounds] = None, stream: TextIO = sys.stdout) -> int:
     from .config import load
-    from .daemon import Daemon, setup_logging
+    from .daemon import Daemon, Signals, setup_logging
 
     if duration_s <= 0 or interval_s <= 0:
         raise EdgecvError("--duration and --interval: expected positive numbers of seconds")
@@ -160,8 +160,9 @@ def soak(config: str, duration_s: float, interval_s: float = 10.0, warmup_s: Opt
     # the sample table owns stdout: events still go to MQTT (and the spool), not to the console
     cfg = cfg.model_copy(update={"cameras": cams, "console": cfg.console.model_copy(update={"enabled": False})})
     setup_logging(cfg.log_level)
-    daemon = Daemon(cfg)
-    daemon.install_signals()
+    signals = Signals().install(reload=False)
+    daemon = Daemon(cfg, signals=signals)
+    signals.starting = False
     probe = _Probe(daemon)
     samples: list[SoakSample] = []
     t0 = time.monotonic()

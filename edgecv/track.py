@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from . import EdgecvError
+from . import EdgecvError, UsageError
 from .config import Config, ConfigError, parse
 from .daemon import load_models
 from .evaluation.mot import format_rows
@@ -92,7 +92,7 @@ def offline_config(video: str, model: str, family: str = "auto", classes: Option
     try:
         return parse(raw, source="command line", base_dir=Path.cwd())
     except ConfigError as e:
-        raise EdgecvError("; ".join(_cli_names(p) for p in e.problems)) from None
+        raise UsageError("; ".join(_cli_names(p) for p in e.problems)) from None
 
 
 def _cli_names(problem: str) -> str:
@@ -119,16 +119,16 @@ def with_tracker(cfg: Config, overrides: Sequence[str]) -> Config:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise EdgecvError(f"--tracker: expected KEY=VALUE, got {item!r}")
+            raise UsageError(f"--tracker: expected KEY=VALUE, got {item!r}")
         try:
             tracker[key.strip()] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
-            raise EdgecvError(f"--tracker: {key.strip()}: cannot read the value {value!r}") from None
+            raise UsageError(f"--tracker: {key.strip()}: cannot read the value {value!r}") from None
     data = {**cfg.model_dump(), "tracker": tracker}
     try:
         return parse(data, source="command line", base_dir=Path(cfg.base_dir) if cfg.base_dir else None)
     except ConfigError as e:
-        raise EdgecvError("; ".join(f"--tracker: {p}" for p in e.problems)) from None
+        raise UsageError("; ".join(f"--tracker: {p}" for p in e.problems)) from None
 
 
 def load_offline_models(cfg: Config, cli: bool = False) -> ModelSet:
@@ -136,7 +136,7 @@ def load_offline_models(cfg: Config, cli: bool = False) -> ModelSet:
     try:
         return load_models(cfg)
     except ConfigError as e:
-        raise EdgecvError("; ".join(_cli_names(p) if cli else p for p in e.problems)) from None
+        raise UsageError("; ".join(_cli_names(p) if cli else p for p in e.problems)) from None
 
 
 def run_offline(cfg: Config, models: Any, camera: str, sinks: Sequence[EventSink] = (),
@@ -152,11 +152,11 @@ def run_offline(cfg: Config, models: Any, camera: str, sinks: Sequence[EventSink
     seconds = time.perf_counter() - t0
     worker, source = pipeline.workers[camera], pipeline.sources[camera]
     if source.state == "failed":
-        raise EdgecvError(f"{source.location}: {source.reason}")
-    if pipeline.inference.error:
-        raise EdgecvError(pipeline.inference.error)
-    if worker.error:
-        raise EdgecvError(worker.error)
+        raise EdgecvError(f"{source.display}: {source.reason}")
+    if pipeline.failed:
+        raise EdgecvError(pipeline.failed)
+    if worker.frames_failed:  # an offline run is scored or written frame by frame: a dropped frame is an error
+        raise EdgecvError(f"{worker.frames_failed} frames could not be processed: {worker.error or 'inference failed'}")
     return OfflineRun(worker.processed, seconds, source.fps, worker.frame_size, pipeline)
 
 

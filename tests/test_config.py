@@ -87,6 +87,14 @@ def _delitem(*keys: str) -> Callable[[dict[str, Any]], None]:
     return fn
 
 
+def _line_of(text: str, start: str) -> int:
+    """1-based number of the first line of ``text`` that starts (after indentation) with ``start``."""
+    return next(i for i, ln in enumerate(text.splitlines(), 1) if ln.strip().startswith(start))
+
+
+DUP_TOP = edit(lambda d: None) + "cameras: {}\n"  # a second `cameras:` would silently drop every camera
+DUP_ZONE = edit(lambda d: None).replace("      plaza:", "      plaza:\n        min_frames: 2\n        min_frames: 3", 1)
+
 C = ("cameras", "street")
 Z = (*C, "zones", "plaza")
 L = (*C, "lines", "crossing")
@@ -112,7 +120,7 @@ BAD_CONFIGS = [
     Case("line-3-points", edit(_setitem(*L, "points", value=[[0, 0], [1, 1], [2, 2]])),
          "cameras.street.lines.crossing.points", "needs exactly 2 points, got 3"),
     Case("line-same-points", edit(_setitem(*L, "points", value=[[5, 5], [5, 5]])),
-         "cameras.street.lines.crossing.points", "the two points must differ"),
+         "cameras.street.lines.crossing.points", "the two points must be at least 1 px apart, got 0 px"),
     Case("conf-negative", edit(_setitem("model", "conf", value=-0.1)), "model.conf",
          "greater than or equal to 0 (got -0.1)"),
     Case("iou-above-1", edit(_setitem("model", "iou", value=1.5)), "model.iou", "less than or equal to 1 (got 1.5)"),
@@ -153,13 +161,13 @@ BAD_CONFIGS = [
     Case("unknown-key-no-hint", edit(_setitem("mqtt", "zzzzzz", value=1)), "mqtt.zzzzzz", "unknown key (valid keys: ",
          cli=False),
     Case("polygon-nan", edit(_setitem(*Z, "polygon", value=[[0, 0], [10, float("nan")], [5, 5]])),
-         "cameras.street.zones.plaza.polygon", "coordinates must be finite numbers, got [10, nan]", cli=False),
+         "cameras.street.zones.plaza.polygon[1][1]", "Input should be a finite number (got nan)", cli=False),
     Case("line-infinite", edit(_setitem(*L, "points", value=[[0, 0], [float("inf"), 5]])),
-         "cameras.street.lines.crossing.points", "coordinates must be finite numbers", cli=False),
+         "cameras.street.lines.crossing.points[1][0]", "Input should be a finite number (got inf)", cli=False),
     Case("source-boolean", edit(_setitem(*C, "source", value=True)), "cameras.street.source",
          "expected a file path, URL, GStreamer pipeline or device index, got True", cli=False),
     Case("source-negative-index", edit(_setitem(*C, "source", value=-1)), "cameras.street.source",
-         "device index must be >= 0, got -1", cli=False),
+         "device index must be between 0 and 1023, got -1", cli=False),
     Case("polygon-negative", edit(_setitem(*Z, "polygon", value=[[0, 0], [10, -1], [5, 5]])),
          "cameras.street.zones.plaza.polygon", "coordinates must be >= 0", cli=False),
     Case("point-not-a-pair", edit(_setitem(*L, "points", value=[[0, 0], [1, 2, 3]])),
@@ -170,7 +178,7 @@ BAD_CONFIGS = [
          not_in_output=(SECRET,), cli=False),
     Case("username-mapping", edit(_setitem("mqtt", "username", value={"name": SECRET})), "mqtt.username",
          "valid string", not_in_output=(SECRET,), cli=False),
-    Case("zone-name", edit(_setitem(*C, "zones", "a/b", value={"polygon": [[0, 0], [1, 0], [1, 1]]})), "cameras",
+    Case("zone-name", edit(_setitem(*C, "zones", "a/b", value={"polygon": [[0, 0], [10, 0], [10, 10]]})), "cameras",
          "name 'a/b' may only use letters, digits", cli=False),
     Case("unknown-class-in-model", edit(_setitem("model", "classes", value=["persn"])), "model.classes",
          "unknown class 'persn'", cli=False, needs_model=True),
@@ -179,6 +187,45 @@ BAD_CONFIGS = [
     Case("loiter-zero", edit(_setitem(*Z, "loiter_s", value=0)), "cameras.street.zones.plaza.loiter_s",
          "greater than 0", cli=False),
     Case("base-dir-is-not-a-key", edit(_setitem("base_dir", value="/")), "base_dir", "unknown key", cli=False),
+    # hostile or absurd values that pass a naive check and break at run time (issue 8)
+    Case("alias-bomb", "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+                               for p, k in zip(["", *"abcdefgh"], "abcdefghi")),
+         FILE, "invalid YAML: more than 100,000 values once its aliases are expanded"),
+    Case("alias-cycle", "a: &a [*a]\n", FILE, "invalid YAML: an alias refers to a node that contains it"),
+    Case("nested-too-deep", "a: " + "[" * 3000 + "]" * 3000 + "\n", FILE, "nested more than 64 levels deep"),
+    Case("duplicate-key", DUP_TOP, FILE + f":{_line_of(DUP_TOP, 'cameras: {}')}:1",
+         f"invalid YAML: duplicate key 'cameras' (first at line {_line_of(DUP_TOP, 'cameras:')})"),
+    Case("duplicate-zone-setting", DUP_ZONE, FILE + f":{_line_of(DUP_ZONE, 'min_frames: 3')}:9",
+         f"invalid YAML: duplicate key 'min_frames' (first at line {_line_of(DUP_ZONE, 'min_frames: 2')})"),
+    Case("config-too-large", "node_id: x\n" + "# padding\n" * 120_000, FILE, "config file is larger than 1024 KiB"),
+    Case("polygon-too-many-vertices", edit(_setitem(*Z, "polygon", value=[[i % 1000, i // 1000 * 5 + (i % 2)]
+                                                                           for i in range(1001)])),
+         "cameras.street.zones.plaza.polygon", "has 1001 points, at most 1000 are allowed"),
+    Case("polygon-collinear", edit(_setitem(*Z, "polygon", value=[[0, 0], [10, 10], [20, 20]])),
+         "cameras.street.zones.plaza.polygon", "encloses no area"),
+    Case("polygon-huge-coordinate", edit(_setitem(*Z, "polygon", value=[[0, 0], [2 ** 31, 0], [5, 5]])),
+         "cameras.street.zones.plaza.polygon", "coordinates must be <= 100000"),
+    Case("line-points-1e-10-apart", edit(_setitem(*L, "points", value=[[5, 5], [5, 5 + 1e-10]])),
+         "cameras.street.lines.crossing.points", "at least 1 px apart"),
+    Case("line-1e308", edit(_setitem(*L, "points", value=[[0, 0], [1e308, 5]])),
+         "cameras.street.lines.crossing.points", "coordinates must be <= 100000"),
+    Case("device-index-huge", edit(_setitem(*C, "source", value=2 ** 40)), "cameras.street.source",
+         "device index must be between 0 and 1023"),
+    Case("device-index-string-huge", edit(_setitem(*C, "source", value="99999999999")), "cameras.street.source",
+         "device index must be between 0 and 1023"),
+    Case("topic-prefix-too-long", edit(_setitem("mqtt", "topic_prefix", value="a" * 70_000)), "mqtt.topic_prefix",
+         "must be at most 256 characters"),
+    Case("topic-prefix-control-char", edit(_setitem("mqtt", "topic_prefix", value="edge\x07cv")),
+         "mqtt.topic_prefix", "must not contain control characters"),
+    Case("topic-prefix-empty-level", edit(_setitem("mqtt", "topic_prefix", value="edge//cv")), "mqtt.topic_prefix",
+         "an empty level"),
+    Case("conf-nan", edit(_setitem("model", "conf", value=float("nan"))), "model.conf", "finite number"),
+    Case("cooldown-infinite", edit(_setitem(*Z, "cooldown_s", value=float("inf"))),
+         "cameras.street.zones.plaza.cooldown_s", "finite number"),
+    Case("source-is-a-folder", edit(_setitem(*C, "source", value="/tmp")), "cameras.street.source",
+         "is a folder, not a file: /tmp"),
+    Case("source-is-a-device", edit(_setitem(*C, "source", value="/dev/null")), "cameras.street.source",
+         "is not a regular file"),
     Case("port-from-env-not-int", edit(_setitem("mqtt", "port", value="${EDGECV_TEST_PORT}")), "mqtt.port",
          "valid integer", env={"EDGECV_TEST_PORT": "http"}, cli=False),
 ]

@@ -119,5 +119,5 @@ def test_track_reports_missing_model_in_one_line(assets, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgecv.cli", "track", str(assets / "media" / "vtest.avi"),
                            "--model", "nope.onnx", "--mot", str(tmp_path / "o.txt")],
                           env=edgecv_env(assets, tmp_path), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a value given on the command line that cannot be used, like an invalid config
     assert proc.stderr.strip().count("\n") == 0 and "--model: file not found: nope.onnx" in proc.stderr

@@ -86,7 +86,8 @@ def test_bound_drops_the_oldest_counts_logs_and_keeps_the_count_across_runs(tmp_
         kept = ids(spool)
         assert kept == [f"id{i}" for i in range(25 - len(kept), 25)], "the newest are kept, the oldest dropped"
         assert spool.dropped == 25 - len(kept) > 0
-        assert spool.stats() == {"depth": len(kept), "bytes": spool.size_bytes, "dropped": spool.dropped, "failed": 0}
+        assert spool.stats() == {"depth": len(kept), "bytes": spool.size_bytes, "dropped": spool.dropped, "failed": 0,
+                                 "dead_letter": 0}
         spool.close()  # logs what the rate limit held back
     logged = [int(m) for m in re.findall(r"dropped the (\d+) oldest events", caplog.text)]
     assert sum(logged) == 25 - len(kept), caplog.text
@@ -167,16 +168,16 @@ def test_publisher_publishes_what_the_full_spool_cannot_store_and_counts_what_it
                 assert pub.submit(ev)
             pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
             spool._db.execute(f"PRAGMA max_page_count={pages}")
-            stored = [pub.submit(ev) for ev in events[5:30]]  # fills the free pages, then fails
+            stored = [pub.submit(ev) for ev in events[5:130]]  # fills the free pages, then fails
             assert not all(stored)
             failed = stored.count(False)
-            assert wait_until(lambda: {m.json()["id"] for m in sub.snapshot()} == {e.id for e in events[:30]}, 20)
+            assert wait_until(lambda: {m.json()["id"] for m in sub.snapshot()} == {e.id for e in events[:130]}, 20)
             assert spool.failed == failed and pub.unspooled == failed and pub.lost == 0
             assert pub.flush(10) == 0
 
             broker.stop()  # broker down as well: what cannot be stored is lost, and counted
             assert wait_until(lambda: not pub.connected, 10)
-            lost = [pub.submit(ev) for ev in events[30:]].count(False)
+            lost = [pub.submit(ev) for ev in events[130:]].count(False)
             assert lost >= 1 and pub.lost == lost and spool.failed == failed + lost
             pub.close(1.0)
         spool.close()
@@ -272,7 +273,8 @@ def test_bounded_spool_drops_the_oldest_and_the_stats_report_depth_bytes_dropped
         assert delivered[:len(kept)] == kept
         assert len(delivered) == len(kept) + len(console_ids(second.stdout))
         final = [m.json() for m in msgs if m.topic.endswith("/stats")][-1]["spool"]
-        assert final == {"depth": 0, "bytes": 0, "dropped": dropped_logged, "failed": 0, "unspooled": 0, "lost": 0}
+        assert final == {"depth": 0, "bytes": 0, "dropped": dropped_logged, "failed": 0, "unspooled": 0, "lost": 0,
+                         "dead_letter": 0}
     finally:
         broker.stop()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import ast
+import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, Optional
@@ -25,6 +26,8 @@ from edgecv.engine.backend import Backend, format_shape
 from edgecv.engine.coco import COCO_NAMES
 from edgecv.engine.ops import Letterbox, cxcywh_to_xyxy, letterbox, nms, to_chw
 from edgecv.types import Detections
+
+log = logging.getLogger("edgecv.engine")
 
 __all__ = [
     "Detector",
@@ -193,13 +196,34 @@ class Detector(abc.ABC):
     # -- internals -----------------------------------------------------------------------
 
     def _finish(self, cxcywh: np.ndarray, score: np.ndarray, class_id: np.ndarray, box: Letterbox) -> Detections:
-        """Class filter, NMS, max_det, and mapping back to source pixels."""
+        """Class filter, NMS, max_det, and mapping back to source pixels.
+
+        A model whose scores are not probabilities (above 1) or whose outputs are not finite is said so once;
+        scores are clamped to 1 and rows with non-finite numbers dropped, so nothing downstream (events, whose
+        schema caps the score at 1) sees them."""
+        finite = np.isfinite(cxcywh).all(axis=1) & np.isfinite(score)
+        if not finite.all() or (len(score) and float(score.max()) > 1.0):
+            self._warn_outputs(score, finite)
+            cxcywh, score, class_id = cxcywh[finite], np.minimum(score[finite], 1.0), class_id[finite]
         if self.class_filter is not None:
             wanted = np.isin(class_id, self.class_filter)
             cxcywh, score, class_id = cxcywh[wanted], score[wanted], class_id[wanted]
         xyxy = cxcywh_to_xyxy(cxcywh)
         keep = nms(xyxy, score, class_id, self.iou, self.max_det)
         return Detections(box.to_source(xyxy[keep]), score[keep], class_id[keep])
+
+    def _warn_outputs(self, score: np.ndarray, finite: np.ndarray) -> None:
+        if getattr(self, "_warned_outputs", False):
+            return
+        self._warned_outputs = True
+        problems = []
+        if not finite.all():
+            problems.append(f"{int((~finite).sum())} candidate boxes with NaN or infinite numbers (dropped)")
+        top = float(np.max(score[finite])) if finite.any() else 0.0
+        if top > 1.0:
+            problems.append(f"scores up to {top:.3g}, above 1: its outputs are not probabilities (clamped to 1; "
+                            "is `family` right, or is this a model without its final sigmoid?)")
+        log.warning("model %s: %s; said once", self.backend.path, "; ".join(problems))
 
     def _resolve_names(self, names: Optional[list[str]]) -> list[str]:
         """Given names, else the model's metadata names, else COCO (80 classes) or class0..classN-1."""

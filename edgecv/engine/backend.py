@@ -122,7 +122,9 @@ class OnnxRuntimeBackend(Backend):
             options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3  # errors only: ORT's warnings would go to stderr on every load
+        # fatal only: ORT's warnings would go to stderr on every load, and its error lines (raw, coloured, outside
+        # the log format) repeat what the exception it raises says; edgecv logs that, once, in one line
+        options.log_severity_level = 4
         chosen = _select_providers(providers, ort.get_available_providers())
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=chosen)

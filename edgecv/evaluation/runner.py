@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-import yaml
 
 from .. import EdgecvError
-from ..config import ConfigError, load
+from ..config import ConfigError, load, load_yaml
 from ..pipeline import build_rules, tracker_config
 from ..track import config_for_video, load_offline_models, offline_config, run_offline, with_tracker
 from ..types import Detections, Event, Frame
@@ -91,11 +90,11 @@ def _sequence_spec(spec: RunSpec, folder: Path) -> RunSpec:
 def load_rules(path: str) -> dict:
     """`zones` and `lines` from a rules file (checked with the camera section's validation when used)."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = load_yaml(Path(path).read_text(encoding="utf-8"), f"--rules: {path}")
     except (OSError, UnicodeDecodeError) as e:
         raise EdgecvError(f"--rules: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    except yaml.YAMLError as e:
-        raise EdgecvError(f"--rules: {path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except ConfigError as e:
+        raise EdgecvError(e.problems[0]) from None
     if not isinstance(data, dict) or set(data) - {"zones", "lines"}:
         raise EdgecvError(f"--rules: {path}: expected a mapping with only `zones` and `lines`")
     return data

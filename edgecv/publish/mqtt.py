@@ -12,6 +12,20 @@
 
 Connection trouble is logged once per change of state, in one line that says why (refused with the
 broker's reason, unreachable, TLS failure); paho retries with capped exponential backoff.
+
+Message size: a broker drops the connection on a packet larger than its maximum packet size, and paho would
+send the same event again after every reconnect, forever. So no message over the broker's limit is ever
+handed to paho. The limit is `mqtt.max_packet_size` when set, the `Maximum Packet Size` an MQTT 5 broker
+announces in CONNACK, or, with an MQTT 3.1.1 broker that announces nothing, learned from a message known to be
+over it (logged, with the setting that would have said so): the broker acknowledges in order and drops the
+connection at the first packet over its limit, so an event that is the oldest unacknowledged one at two drops in
+a row, each within a moment of the broker accepting the connection (paho sends it first), is over the limit;
+and a stats, tracks or snapshot message sent just before a drop while no event was unacknowledged is over it
+when that happens twice (the smaller of the two). The limit taken is one byte under such a message, so it never
+falls below the broker's true limit and no event that fits is ever set aside. The client is then made anew, so
+that paho forgets the event it would resend; the spool still has every unacknowledged event. An event over
+the limit is moved to the spool's dead-letter table (counted, logged with its id) and the events behind it flow;
+a stats, tracks or snapshot message over it is skipped (one log line per kind, counted).
 """
 from __future__ import annotations
 
@@ -38,6 +52,23 @@ log = logging.getLogger("edgecv.mqtt")
 MAX_INFLIGHT = 100
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
+PROMPT_DROP_S = 2.0  # a drop this soon after the broker accepted the connection: upon the first messages sent
+RAW_WINDOW_S = 1.0  # a stats, tracks or snapshot message sent this long before a drop may have caused it
+
+
+def _varint_len(n: int) -> int:
+    length = 1
+    while n >= 128:
+        n //= 128
+        length += 1
+    return length
+
+
+def packet_size(topic: str, payload_bytes: int, qos: int, v5: bool) -> int:
+    """Bytes of the PUBLISH packet paho sends for this message (no properties): what a broker's maximum packet
+    size limits, not only the payload."""
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + (1 if v5 else 0) + payload_bytes
+    return 1 + _varint_len(remaining) + remaining
 
 
 def _clean(text: object) -> str:
@@ -89,6 +120,9 @@ class MqttPublisher:
                  client_id: Optional[str] = None) -> None:
         self.cfg = cfg
         self.node = node
+        self._client_id = client_id or cfg.client_id or f"edgecv-{node}"
+        self._tls_files = tls_files or {}
+        self._v5 = cfg.protocol == "5"
         self.topics = Topics(cfg.topic_prefix, node)
         self.spool = spool
         self.hostport = f"{cfg.host}:{cfg.port}"
@@ -96,7 +130,8 @@ class MqttPublisher:
         self.acked = 0  # ... and acknowledged by the broker
         self.unspooled = 0  # events the spool could not store, handed to paho directly
         self.lost = 0  # events the spool could not store while the broker was not connected
-        self.state = "connecting"  # connecting, connected, disconnected, unreachable, refused, tls_failed, closed
+        # connecting, connected, disconnected, unreachable, refused, tls_failed, closed, no_answer
+        self.state = "connecting"
         self.last_error = ""
         self._connected = threading.Event()
         self._stop = threading.Event()
@@ -107,8 +142,9 @@ class MqttPublisher:
         self._attempt_accepted = False
         self._attempt_refused = False
         self._attempt_log_error = ""
+        self._attempt_started = 0.0
         # sender-thread state only (paho callbacks never touch it: no lock-order issues with paho's mutexes)
-        self._inflight: list[tuple[mqtt.MQTTMessageInfo, int]] = []  # handed to paho, not yet acknowledged
+        self._inflight: list[tuple[mqtt.MQTTMessageInfo, int, int]] = []  # (info, seq, bytes) not acknowledged yet
         self._sent_upto = 0  # highest spool seq handed to paho
         # message ids paho reported complete (on_publish: PUBACK for QoS 1); appended by paho's thread, drained
         # by the sender into a bounded recent set
@@ -118,44 +154,65 @@ class MqttPublisher:
         # events published without the spool, not yet acknowledged (worker threads append, sender reaps)
         self._direct: list[mqtt.MQTTMessageInfo] = []
         self._direct_lock = threading.Lock()
+        # the broker's maximum packet size (None: not known), where it came from, and what the learning needs
+        self.max_packet: Optional[int] = cfg.max_packet_size
+        self._limit_source = "mqtt.max_packet_size" if cfg.max_packet_size else ""
+        # what learning the limit needs (paho's thread reads, the sender and publishing threads write)
+        self._sends_lock = threading.Lock()
+        self._unacked: dict[int, int] = {}  # spool seq -> packet bytes of events handed to paho, not acknowledged
+        self._raw_sends: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, bytes), QoS 0
+        self._suspect_event: Optional[int] = None  # seq of the oldest unacknowledged event at the last prompt drop
+        self._suspect_raw: Optional[int] = None  # bytes of the message suspected at the last drop with none
+        self._accepted_at = 0.0
+        self._renew = threading.Event()  # the sender thread makes a new paho client (drops paho's resend queue)
+        self.skipped = 0  # stats, tracks and snapshot messages not sent: over the limit
+        self._skipped_kinds: set[str] = set()
+        self.client = self._make_client()
+
+    def _make_client(self) -> _Client:
+        cfg = self.cfg
         protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
-        self.client = _Client(
+        client = _Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id or cfg.client_id or f"edgecv-{node}",
+            client_id=self._client_id,
             protocol=protocol,
         )
-        self.client.on_attempt = self._on_attempt
-        self.client.max_inflight_messages_set(MAX_INFLIGHT)
-        self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
+        client.on_attempt = self._on_attempt
+        client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         if cfg.username is not None:
-            self.client.username_pw_set(cfg.username, cfg.password)
+            client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls is not None:
-            files = tls_files or {}
-            self.client.tls_set(
+            files = self._tls_files
+            client.tls_set(
                 ca_certs=str(files["ca_file"]) if files.get("ca_file") else None,
                 certfile=str(files["cert_file"]) if files.get("cert_file") else None,
                 keyfile=str(files["key_file"]) if files.get("key_file") else None,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
-            self.client.tls_insecure_set(cfg.tls.insecure)
-        self.client.will_set(self.topics.status, "offline", qos=1, retain=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_connect_fail = self._on_connect_fail
-        self.client.on_publish = self._on_publish
-        self.client.on_log = self._on_log
+            client.tls_insecure_set(cfg.tls.insecure)
+        client.will_set(self.topics.status, "offline", qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_publish = self._on_publish
+        client.on_log = self._on_log
+        return client
 
     # ---- paho callbacks (network thread)
     def _on_attempt(self) -> None:
         self._attempt_accepted = self._attempt_refused = False
         self._attempt_log_error = ""
+        self._attempt_started = time.monotonic()
 
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
         if level == mqtt.MQTT_LOG_ERR:
             self._attempt_log_error = _clean(buf)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if client is not self.client:
+            return  # a client being replaced
         if reason.is_failure:
             self._attempt_refused = True
             hint = ""
@@ -165,6 +222,10 @@ class MqttPublisher:
                                        f"retrying with backoff (at most every {RECONNECT_MAX_S} s)")
             return
         self._attempt_accepted = True
+        self._accepted_at = time.monotonic()
+        announced = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        if announced and (self.max_packet is None or announced < self.max_packet):
+            self._set_limit(int(announced), "announced by the broker")
         client.publish(self.topics.status, "online", qos=1, retain=True)
         if not self._ever_connected:
             message = f"connected to {self.hostport}"
@@ -179,16 +240,26 @@ class MqttPublisher:
         self._wake.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if client is not self.client:
+            return  # a client being replaced
         self._connected.clear()
         if self._stop.is_set():
             return
         if self._attempt_accepted:
             self._attempt_accepted = False
             self._disconnected_at = time.monotonic()
+            self._suspect_drop()
             why = self._attempt_log_error or (
                 f"{reason}" if getattr(flags, "is_disconnect_packet_from_server", False) else "connection closed")
             self._set_state("disconnected", f"lost the connection to {self.hostport} ({why}); "
                                             f"{self.spool.depth} events waiting in the spool; retrying with backoff")
+        elif not self._attempt_refused and not self._attempt_log_error and (
+                time.monotonic() - self._attempt_started >= 0.9 * self.cfg.keepalive_s):
+            # the TCP connection stood, but nothing answered CONNECT: paho gives up after the keep-alive interval
+            self._set_state("no_answer", f"broker {self.hostport} took the TCP connection but did not answer the MQTT "
+                                         f"CONNECT within {self.cfg.keepalive_s} s (is an MQTT broker listening on "
+                                         f"that port{', without TLS' if self.cfg.tls is None else ', with TLS'}?); "
+                                         "retrying with backoff")
         elif not self._attempt_refused:
             # the broker closed the connection before answering CONNECT (e.g. it rejected the TLS client
             # certificate after the handshake)
@@ -198,6 +269,8 @@ class MqttPublisher:
                                       f"{why}{hint}; retrying with backoff")
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        if client is not self.client:
+            return
         e = getattr(client, "last_connect_error", None)
         why = describe_connect_error(e, self.cfg.host) if e is not None else "connection failed"
         if isinstance(e, ssl.SSLError):
@@ -208,8 +281,72 @@ class MqttPublisher:
                                            f"retrying with backoff (at most every {RECONNECT_MAX_S} s)")
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        if client is not self.client:
+            return
         self._completed_mids.append(mid)
         self._wake.set()  # the sender thread reaps acknowledged messages
+
+    # ---- the broker's maximum packet size
+    def _set_limit(self, limit: int, source: str) -> None:
+        self.max_packet, self._limit_source = limit, source
+        log.warning("mqtt: the broker takes messages of at most %d bytes (%s): larger events are set aside in the "
+                    "spool's dead-letter table, larger stats, tracks and snapshots are skipped", limit, source)
+
+    def _suspect_drop(self) -> None:
+        """The connection dropped (paho's network thread): does it show a message over the broker's limit?"""
+        now = time.monotonic()
+        prompt = now - self._accepted_at <= PROMPT_DROP_S
+        with self._sends_lock:
+            head = min(self._unacked) if self._unacked else None
+            head_size = self._unacked.get(head, 0) if head is not None else 0
+            raw = max((size for t, size in self._raw_sends if now - t <= RAW_WINDOW_S), default=0)
+        if head is not None:
+            self._suspect_raw = None
+            if not prompt or self._suspect_event != head:
+                self._suspect_event = head  # the next drop, right after paho sends it again, will tell
+                return
+            self._suspect_event = None
+            self._learn(head_size, "the broker closed the connection twice, each time right after the same event "
+                                   f"of {head_size} bytes was sent")
+            self._renew.set()  # paho would send that event again after every reconnect: start a new client
+            self._wake.set()
+            return
+        if raw:
+            if self._suspect_raw is None:
+                self._suspect_raw = raw
+                return
+            size, self._suspect_raw = min(self._suspect_raw, raw), None
+            self._learn(size, f"the broker closed the connection twice right after a message of {size} bytes or "
+                              "more, with no event waiting for its acknowledgement")
+
+    def _learn(self, oversize: int, why: str) -> None:
+        """``oversize`` bytes were too many for the broker: take one byte less as its limit (only ever lower)."""
+        if self.max_packet is not None and oversize > self.max_packet:
+            return
+        self._set_limit(oversize - 1, f"learned: {why}; MQTT 3.1.1 brokers do not announce their limit, set "
+                                      "mqtt.max_packet_size or use protocol 5 to say it")
+
+    def _renew_client(self) -> None:
+        """A new paho client (sender thread): paho's queue of unacknowledged messages goes with the old one; the
+        spool still holds every unacknowledged event, sent again from the oldest (same ids)."""
+        old = self.client
+        self.client = self._make_client()
+        self._connected.clear()
+        try:
+            old.disconnect()
+        finally:
+            old.loop_stop()
+        self._inflight = []
+        self._sent_upto = 0
+        with self._sends_lock:
+            self._unacked.clear()
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        self.client.loop_start()
+
+    def _over_limit(self, topic: str, payload_bytes: int, qos: int) -> Optional[int]:
+        """The packet's size when it is over the broker's known limit, else None."""
+        size = packet_size(topic, payload_bytes, qos, self._v5)
+        return size if self.max_packet is not None and size > self.max_packet else None
 
     def _set_state(self, state: str, message: str) -> None:
         """Log a change of state (or of its reason) once, in one line; repeated retries stay quiet."""
@@ -240,8 +377,15 @@ class MqttPublisher:
         try:
             self.spool.put(event.camera, event.id, topic, payload)
         except SpoolError as e:
-            if self.connected:
-                info = self.client.publish(topic, self._with_publish_time(payload), qos=self.cfg.qos)
+            direct = self._with_publish_time(payload).encode("utf-8")
+            over = self._over_limit(topic, len(direct), self.cfg.qos)
+            if over is not None:
+                with self._direct_lock:
+                    self.lost += 1
+                log.error("%s; event %s %s lost: %d bytes, over the broker's maximum packet size of %d bytes",
+                          e, event.type, event.id, over, self.max_packet)
+            elif self.connected:
+                info = self.client.publish(topic, direct, qos=self.cfg.qos)
                 with self._direct_lock:
                     self._direct.append(info)
                     self.unspooled += 1
@@ -256,9 +400,25 @@ class MqttPublisher:
         return True
 
     def publish_raw(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> None:
-        """Best-effort messages (stats, tracks, snapshots): dropped when not connected."""
-        if self.connected:
-            self.client.publish(topic, payload, qos=qos, retain=retain)
+        """Best-effort messages (stats, tracks, snapshots): dropped when not connected, skipped when over the
+        broker's maximum packet size (counted; one log line per kind)."""
+        if not self.connected:
+            return
+        data = payload.encode("utf-8") if isinstance(payload, str) else payload
+        size = packet_size(topic, len(data), qos, self._v5)
+        if self.max_packet is not None and size > self.max_packet:
+            self.skipped += 1
+            kind = topic.rsplit("/", 1)[-1]
+            if kind not in self._skipped_kinds:
+                self._skipped_kinds.add(kind)
+                log.warning("mqtt: a %s message of %d bytes is over the broker's maximum packet size of %d bytes (%s):"
+                            " skipped, and so are the next ones over it (counted in stats as mqtt.skipped)",
+                            kind, size, self.max_packet, self._limit_source)
+            return
+        if not qos:
+            with self._sends_lock:
+                self._raw_sends.append((time.monotonic(), size))
+        self.client.publish(topic, data, qos=qos, retain=retain)
 
     def pending(self) -> int:
         """Events not yet acknowledged by the broker."""
@@ -269,12 +429,16 @@ class MqttPublisher:
     def stats(self) -> dict[str, Any]:
         """Figures for the stats message."""
         return {"state": self.state, "published": self.published, "acked": self.acked,
-                "unspooled": self.unspooled, "lost": self.lost}
+                "unspooled": self.unspooled, "lost": self.lost, "max_packet_size": self.max_packet,
+                "skipped": self.skipped}
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(0.2)
             self._wake.clear()
+            if self._renew.is_set():
+                self._renew.clear()
+                self._renew_client()
             self._reap()
             if not self.connected:
                 continue
@@ -306,13 +470,15 @@ class MqttPublisher:
             self._recent_mids[self._completed_mids.popleft()] = None
         while len(self._recent_mids) > 4096:  # mids of other messages (status, stats) that match no event
             self._recent_mids.popitem(last=False)
-        still: list[tuple[mqtt.MQTTMessageInfo, int]] = []
-        for info, seq in self._inflight:
+        still: list[tuple[mqtt.MQTTMessageInfo, int, int]] = []
+        for info, seq, size in self._inflight:
             if self._done(info):
                 self.spool.ack(seq)
                 self.acked += 1
+                with self._sends_lock:
+                    self._unacked.pop(seq, None)
             else:
-                still.append((info, seq))
+                still.append((info, seq, size))
         self._inflight = still
         with self._direct_lock:
             if self._direct:
@@ -327,9 +493,22 @@ class MqttPublisher:
         return json.dumps(data, separators=(",", ":"))
 
     def _send(self, item: SpoolItem) -> None:
-        info = self.client.publish(item.topic, self._with_publish_time(item.payload), qos=self.cfg.qos)
-        self._inflight.append((info, item.seq))
+        payload = self._with_publish_time(item.payload).encode("utf-8")
         self._sent_upto = item.seq
+        over = self._over_limit(item.topic, len(payload), self.cfg.qos)
+        if over is not None:
+            reason = (f"{over} bytes, over the broker's maximum packet size of {self.max_packet} bytes "
+                      f"({self._limit_source})")
+            if self.spool.dead_letter(item.seq, reason):
+                log.error("mqtt: event %s is %s: set aside in the spool's dead-letter table (%d there in all)",
+                          item.event_id, reason, self.spool.dead_letters)
+            return
+        size = packet_size(item.topic, len(payload), self.cfg.qos, self._v5)
+        if self.cfg.qos:
+            with self._sends_lock:
+                self._unacked[item.seq] = size
+        info = self.client.publish(item.topic, payload, qos=self.cfg.qos)
+        self._inflight.append((info, item.seq, size))
         self.published += 1
 
     def flush(self, deadline_s: float) -> int:

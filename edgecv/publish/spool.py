@@ -4,9 +4,15 @@ Every event is written here before it is published and deleted only when the bro
 it, so events survive broker outages and crashes. The spool is bounded in bytes: past the bound
 the oldest events are dropped and counted (never silently). A write that fails (disk full, I/O
 error) raises `SpoolError` and is counted in `failed`; the caller decides what to do with the event.
+An event the broker can never take (larger than its maximum packet size) is moved to the
+`dead_letter` table, kept with the reason, so the events behind it flow.
+
+One daemon per spool: the spool holds an exclusive lock (``<spool>.lock``, with the owner's pid) for as long
+as it is open; a second daemon on the same spool gets a `SpoolError` naming the first one's pid.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
@@ -50,8 +56,13 @@ class Spool:
         self._acked_bytes = 0
         self._ack_failing = False
         self._last_drop_log = -1e9
+        self._lock_fd: Optional[int] = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpoolError(f"spool {self.path}: cannot open: {_reason(e)}") from None
+        self._take_lock()
+        try:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=5.0)
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
             if not mode or str(mode[0]).lower() != "wal":
@@ -62,15 +73,55 @@ class Spool:
                 " event_id TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL, size INTEGER NOT NULL)"
             )
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS dead_letter (seq INTEGER PRIMARY KEY, camera TEXT NOT NULL,"
+                " event_id TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL, reason TEXT NOT NULL,"
+                " at REAL NOT NULL)"
+            )
             row = self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events").fetchone()
             self.dropped = self._meta("dropped")  # oldest events removed past the bound (kept across runs)
+            self.dead_letters = int(self._db.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0])
         except (sqlite3.Error, OSError) as e:
             if self._db is not None:
                 self._db.close()
+            self._release_lock()
             raise SpoolError(f"spool {self.path}: cannot open: {_reason(e)}") from None
         self._bytes, self._count = int(row[0]), int(row[1])
         if self._count:
             log.info("spool %s: %d events waiting from an earlier run", self.path, self._count)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _take_lock(self) -> None:
+        """Exclusive for as long as this spool is open: a second daemon would send this one's events too."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise SpoolError(f"spool {self.path}: cannot open its lock file: {_reason(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            except OSError:
+                owner = "unknown"
+            os.close(fd)
+            raise SpoolError(f"spool {self.path} is in use by another edgecv daemon (pid {owner}); "
+                             "one daemon per spool (set mqtt.spool.path or node_id to run a second one)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                os.ftruncate(self._lock_fd, 0)
+            except OSError:
+                pass
+            os.close(self._lock_fd)  # closing the descriptor releases the lock
+            self._lock_fd = None
 
     def _meta(self, key: str) -> int:
         assert self._db is not None
@@ -170,6 +221,40 @@ class Spool:
             ).fetchall()
         return [SpoolItem(int(r[0]), r[1], r[2], r[3], bytes(r[4])) for r in rows]
 
+    def dead_letter(self, seq: int, reason: str) -> bool:
+        """Move an event the broker can never take to the dead-letter table (kept, with ``reason``), out of the
+        way of the events behind it. Returns False when it could not be moved (it then stays in the queue)."""
+        with self._lock:
+            if self._db is None:
+                return False
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                row = self._db.execute("SELECT size FROM events WHERE seq=?", (seq,)).fetchone()
+                if row is None:
+                    self._db.execute("ROLLBACK")
+                    return False
+                self._db.execute(
+                    "INSERT OR REPLACE INTO dead_letter (seq, camera, event_id, topic, payload, reason, at)"
+                    " SELECT seq, camera, event_id, topic, payload, ?, ? FROM events WHERE seq=?",
+                    (reason, time.time(), seq))
+                self._db.execute("DELETE FROM events WHERE seq=?", (seq,))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._rollback()
+                log.error("spool %s: cannot set event %d aside: %s", self.path, seq, _reason(e))
+                return False
+            self._count -= 1
+            self._bytes -= int(row[0])
+            self.dead_letters += 1
+            return True
+
+    def dead_lettered(self) -> list[tuple[str, str]]:
+        """(event id, reason) of the events set aside, oldest first."""
+        with self._lock:
+            if self._db is None:
+                return []
+            return [(r[0], r[1]) for r in self._db.execute("SELECT event_id, reason FROM dead_letter ORDER BY seq")]
+
     def ack(self, seq: int) -> None:
         """The broker has the event: forget it.
 
@@ -229,8 +314,10 @@ class Spool:
         return self._bytes - self._acked_bytes
 
     def stats(self) -> dict[str, int]:
-        """For the stats message: events waiting, their bytes, dropped past the bound (all runs), failed writes."""
-        return {"depth": self.depth, "bytes": self.size_bytes, "dropped": self.dropped, "failed": self.failed}
+        """For the stats message: events waiting, their bytes, dropped past the bound (all runs), failed writes,
+        set aside as undeliverable (dead letters, all runs)."""
+        return {"depth": self.depth, "bytes": self.size_bytes, "dropped": self.dropped, "failed": self.failed,
+                "dead_letter": self.dead_letters}
 
     def close(self) -> None:
         with self._lock:
@@ -245,6 +332,7 @@ class Spool:
             except sqlite3.Error:
                 pass
             self._db = None
+            self._release_lock()
 
 
 def default_spool_path(node_id: str, configured: Optional[str]) -> Path:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import cv2
 import numpy as np
 
-from ..config import CameraConfig, redact
+from ..config import CameraConfig, redact, redact_location
 from ..types import Frame
 
 log = logging.getLogger("edgecv.source")
@@ -120,7 +120,8 @@ class Source:
         self.name = name
         self.cfg = cfg
         self.location = location
-        self.display = redact(location)
+        # a GStreamer pipeline is free text with a URL somewhere in it; any other source is one location
+        self.display = redact(location) if cfg.kind == "gstreamer" else redact_location(location)
         self.slot = FrameSlot(block=self._blocking())
         self.stats = SourceStats()
         self.state = "stopped"
@@ -136,6 +137,7 @@ class Source:
         self._stuck_warned = False
         self._next_index = 1
         self._reconnect_request = threading.Event()
+        self._fail_reason = ""  # set by fail(): the capture loop ends in state `failed`
         # set by the pipeline: turns a Frame into what the consumer wants (e.g. model input made on this
         # thread), and an event set whenever a new item is in the slot
         self.prepare: Optional[Callable[[Frame], Any]] = None
@@ -152,6 +154,12 @@ class Source:
     def stop(self) -> None:
         self._stop.set()
 
+    def fail(self, reason: str) -> None:
+        """Give up on this camera (its frames cannot be processed): state `failed` with ``reason``, capture ends."""
+        self._fail_reason = reason
+        self._set_state("failed", reason)
+        self._stop.set()
+
     def join(self, timeout: float = 5.0) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
@@ -162,6 +170,9 @@ class Source:
         return self._thread is not None and not self._thread.is_alive() and not self.slot.ready
 
     def _set_state(self, state: str, reason: str = "") -> None:
+        if self._fail_reason and state != "failed":
+            return  # given up (fail()): the capture thread winding down does not change that
+        reason = redact(reason, self.location)  # an error may quote the location, credentials and all
         if state == self.state and reason == self.reason:
             return
         self.state, self.reason = state, reason
@@ -248,7 +259,8 @@ class Source:
                 if self._sleep(min(delay, self.cfg.reconnect.max_s)):
                     break
                 delay = min(delay * 2, self.cfg.reconnect.max_s)
-            self._set_state("stopped", "shutdown")
+            if not self._fail_reason:
+                self._set_state("stopped", "shutdown")
         except Exception as e:  # a capture thread must never die silently
             log.exception("camera %s: capture thread crashed", self.name)
             self._set_state("failed", f"capture error: {type(e).__name__}: {e}")

@@ -55,7 +55,7 @@ class FileSource(Source):
 
     def _on_read_failure(self) -> str:
         if self.stats.read == 0:
-            self._set_state("failed", f"no decodable video frames in {self.location}")
+            self._set_state("failed", f"no decodable video frames in {self.display}")
             return "fail"
         return "eof"
 
