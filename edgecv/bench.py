@@ -154,30 +154,16 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
     return rows
 
 
-def _frames(video: Optional[Path], n: int) -> list[np.ndarray]:
-    """Up to ``n`` consecutive frames of ``video`` (none when it is missing or unreadable)."""
-    if video is None:
-        return []
-    cap = cv2.VideoCapture(str(video))
-    out = []
-    while len(out) < n:
-        ok, image = cap.read()
-        if not ok:
-            break
-        out.append(image)
-    cap.release()
-    return out
-
-
 def bench_tracker_rows(video: Optional[Path], frames: int) -> list[tuple[str, str]]:
     """Tracker time per frame (median) at 10 and 50 objects, without and with camera-motion compensation
     on the video's frames, and the compensation alone."""
+    from .evaluation.variants import read_frames
     from .tracking.bytetrack import bench_tracker
     from .tracking.motion import CameraMotion
 
     rows = []
     n = max(100, min(frames, 500))
-    images = _frames(video, n)
+    images = read_frames(video, n) if video is not None else []
     for objects in (10, 50):
         rows.append((f"tracker, {objects} objects", f"{bench_tracker(objects, n):.3f} ms per frame (median)"))
     if not images:

@@ -649,6 +649,8 @@ def load_yaml(text: str, where: str) -> Any:
         return loader.construct_document(node)
     except RecursionError:  # nesting deeper than the parser itself can take, before the bounds can be checked
         raise ConfigError([f"{where}: invalid YAML: nested more than {MAX_YAML_DEPTH} levels deep"]) from None
+    except (ValueError, OverflowError) as e:  # e.g. an integer of more digits than Python converts
+        raise ConfigError([f"{where}: invalid YAML: a value cannot be read: {_one_line(str(e))[:120]}"]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where

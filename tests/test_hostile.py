@@ -6,6 +6,7 @@ The config families with one-line outcomes (alias bombs, duplicate keys, bounds)
 table; here are the cases that need a running daemon, a subprocess's resources, or a broker."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -52,6 +54,23 @@ MEASURED = ("import sys\nfrom edgecv.cli import main\ncode = main(sys.argv[1:])\
             "sys.stderr.write('@@ ' + hwm)\nsys.exit(code)\n")
 
 
+@contextlib.contextmanager
+def _running_demo(assets: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, StderrLog, Path]]:
+    """The demo daemon streaming against its own broker: (process, its stderr, its config file)."""
+    broker = Mosquitto(tmp_path).start()
+    proc = None
+    try:
+        config = _demo(tmp_path, broker.port)
+        proc = _start(assets, tmp_path, config)
+        log = StderrLog(proc)
+        assert log.wait_for("camera street: streaming"), "".join(log.lines)
+        yield proc, log, config
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        broker.stop()
+
+
 def _run_measured(args: list[str], env: dict, timeout: float = 60) -> tuple[int, str, float, float]:
     """(exit code, stderr, seconds, peak RSS in MB) of one run of the CLI's main in a new process. The peak is
     the process's own VmHWM (its memory since exec: a child's rusage would count the memory of this test
@@ -87,12 +106,7 @@ def test_exploding_configs_are_rejected_fast_in_bounded_memory(assets: Path, tmp
 
 def test_an_alias_bomb_swapped_in_before_sighup_is_rejected_and_sigterm_still_works(assets: Path,
                                                                                       tmp_path: Path) -> None:
-    broker = Mosquitto(tmp_path).start()
-    try:
-        config = _demo(tmp_path, broker.port)
-        proc = _start(assets, tmp_path, config)
-        log = StderrLog(proc)
-        assert log.wait_for("camera street: streaming"), "".join(log.lines)
+    with _running_demo(assets, tmp_path) as (proc, log, config):
         config.write_text(BOMB)
         proc.send_signal(signal.SIGHUP)
         assert log.wait_for("reload rejected: ", timeout=10), "".join(log.lines[-10:])
@@ -102,8 +116,6 @@ def test_an_alias_bomb_swapped_in_before_sighup_is_rejected_and_sigterm_still_wo
         assert proc.wait(15) == 0
         assert time.monotonic() - t0 < 8
         assert not any("Traceback" in ln for ln in log.lines)
-    finally:
-        broker.stop()
 
 
 # ---- 2. secrets that never leak
@@ -165,12 +177,7 @@ def test_check_of_a_mistyped_url_does_not_echo_the_password(assets: Path, tmp_pa
 # ---- 4. two daemons on one spool
 
 def test_a_second_daemon_on_the_same_spool_exits_naming_the_first(assets: Path, tmp_path: Path) -> None:
-    broker = Mosquitto(tmp_path).start()
-    try:
-        config = _demo(tmp_path, broker.port)
-        first = _start(assets, tmp_path, config)
-        log = StderrLog(first)
-        assert log.wait_for("camera street: streaming"), "".join(log.lines)
+    with _running_demo(assets, tmp_path) as (first, _, config):
         second = subprocess.run([sys.executable, "-m", "edgecv.cli", "run", str(config)], capture_output=True,
                                 text=True, env=edgecv_env(assets, tmp_path), timeout=60)
         assert second.returncode == 1
@@ -184,8 +191,6 @@ def test_a_second_daemon_on_the_same_spool_exits_naming_the_first(assets: Path, 
         # once the first has gone, the spool is free again
         third = _start(assets, tmp_path, config, "--max-frames", "5")
         assert third.wait(60) == 0, third.stderr.read()
-    finally:
-        broker.stop()
 
 
 # ---- 5. signals from the first instant

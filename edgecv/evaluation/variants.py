@@ -65,13 +65,8 @@ def read_clip(folder: Path) -> Clip:
         raise EdgecvError(f"{folder}: no gt.txt")
     cap = cv2.VideoCapture(str(videos[0]))
     fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
-    frames = []
-    while True:
-        ok, img = cap.read()
-        if not ok:
-            break
-        frames.append(img)
     cap.release()
+    frames = read_frames(videos[0])
     if not frames:
         raise EdgecvError(f"{videos[0]}: no decodable frame")
     rate = seqinfo_rate(folder)
@@ -79,6 +74,19 @@ def read_clip(folder: Path) -> Clip:
     if gt.shape[1] < 9:
         gt = np.concatenate([gt, np.tile([1.0, -1.0, -1.0], (len(gt), 1))[:, gt.shape[1] - 6:]], axis=1)
     return Clip(folder.name, frames, gt[:, :9].astype(np.float64), rate or fps or 10.0)
+
+
+def read_frames(video: Path, limit: Optional[int] = None) -> list[np.ndarray]:
+    """The frames of a video file, at most ``limit`` (none when it cannot be read)."""
+    cap = cv2.VideoCapture(str(video))
+    frames: list[np.ndarray] = []
+    while limit is None or len(frames) < limit:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    cap.release()
+    return frames
 
 
 def seqinfo_rate(folder: Path) -> Optional[float]:

@@ -178,6 +178,7 @@ class MqttPublisher:
             protocol=protocol,
         )
         client.on_attempt = self._on_attempt
+        client.suppress_exceptions = True  # an error in a callback is logged (_on_log), never kills paho's thread
         client.max_inflight_messages_set(MAX_INFLIGHT)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
@@ -209,6 +210,8 @@ class MqttPublisher:
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
         if level == mqtt.MQTT_LOG_ERR:
             self._attempt_log_error = _clean(buf)
+            if buf.startswith("Caught exception in"):
+                log.error("mqtt: %s", _clean(buf))
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if client is not self.client:
@@ -433,23 +436,34 @@ class MqttPublisher:
                 "skipped": self.skipped}
 
     def _send_loop(self) -> None:
+        failure = ""
         while not self._stop.is_set():
             self._wake.wait(0.2)
             self._wake.clear()
-            if self._renew.is_set():
-                self._renew.clear()
-                self._renew_client()
-            self._reap()
-            if not self.connected:
-                continue
-            room = MAX_INFLIGHT - len(self._inflight)
-            if room <= 0:
-                continue
-            for item in self.spool.next_items(self._sent_upto, room):
-                if not self.connected:
-                    break
-                self._send(item)
+            try:
+                self._send_some()
+            except Exception as e:  # the sender must outlive any one failure: events wait in the spool meanwhile
+                why = f"{type(e).__name__}: {e}"
+                if why != failure:
+                    log.exception("mqtt: sending failed (%s); the events stay in the spool, trying again", why)
+                failure = why
+                self._stop.wait(1.0)
         self._reap()
+
+    def _send_some(self) -> None:
+        if self._renew.is_set():
+            self._renew.clear()
+            self._renew_client()
+        self._reap()
+        if not self.connected:
+            return
+        room = MAX_INFLIGHT - len(self._inflight)
+        if room <= 0:
+            return
+        for item in self.spool.next_items(self._sent_upto, room):
+            if not self.connected:
+                break
+            self._send(item)
 
     def _done(self, info: mqtt.MQTTMessageInfo) -> bool:
         """Whether paho completed the message (QoS >= 1: PUBACK received; QoS 0: written to the socket).
