@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import resource
 import sqlite3
@@ -56,6 +57,28 @@ def test_events_come_out_in_order_and_an_ack_deletes_only_that_event(tmp_path):
         spool.ack(s)
     assert spool.depth == 0 and spool.size_bytes == 0 and ids(spool) == []
     spool.close()
+
+
+def test_dead_letter_sets_an_event_aside_counts_it_and_keeps_it_across_runs(tmp_path):
+    spool = Spool(tmp_path / "s.sqlite", 10**6)
+    seqs = [spool.put("cam", f"id{i}", "t", b"{}") for i in range(3)]
+    assert spool.dead_letter(seqs[1], "600 bytes, over the broker's maximum packet size of 500 bytes")
+    assert [it.event_id for it in spool.next_items(0, 10)] == ["id0", "id2"]  # the ones behind it flow
+    assert spool.depth == 2 and spool.stats()["dead_letter"] == 1
+    assert not spool.dead_letter(seqs[1], "again")  # gone from the queue: nothing to move
+    spool.close()
+    spool = Spool(tmp_path / "s.sqlite", 10**6)
+    assert spool.stats()["dead_letter"] == 1 and spool.depth == 2
+    assert spool.dead_lettered() == [("id1", "600 bytes, over the broker's maximum packet size of 500 bytes")]
+    spool.close()
+
+
+def test_a_second_spool_on_the_same_file_is_refused_until_the_first_closes(tmp_path):
+    first = Spool(tmp_path / "s.sqlite", 10**6)
+    with pytest.raises(SpoolError, match=rf"is in use by another edgecv daemon \(pid {os.getpid()}\)"):
+        Spool(tmp_path / "s.sqlite", 10**6)
+    first.close()
+    Spool(tmp_path / "s.sqlite", 10**6).close()
 
 
 def test_rows_survive_close_and_reopen_in_their_order(tmp_path, caplog):
