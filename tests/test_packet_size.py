@@ -63,7 +63,7 @@ def test_limit_between_events_and_stats_delivers_every_event(assets: Path, tmp_p
         console = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
         assert len(console) > 10
         assert sub.wait_for(lambda ms: {m.json()["id"] for m in ms if m.topic.endswith("/events")}
-                            >= {e["id"] for e in console}, timeout=20), "an event did not arrive"
+                            >= {e["id"] for e in console}, timeout=20), "an event did not arrive\n" + r.stderr[-4000:]
         msgs = sub.snapshot()
         assert all(len(m.payload) < limit for m in msgs)
         assert not any(m.topic.endswith("/stats") and len(m.payload) > limit - 100 for m in msgs)
@@ -92,7 +92,7 @@ def test_an_event_over_the_limit_is_set_aside_and_the_others_flow(assets: Path, 
     try:
         # the clip at 40 fps (20 s): with MQTT 3.1.1 the limit is learned from dropped connections, each costing
         # a reconnect; a live camera runs long enough for that, a file read as fast as possible might not
-        cfg = _config(tmp_path / "c.yaml", broker.port, tmp_path / "spool", ["a", LONG], protocol, pace_fps=40)
+        cfg = _config(tmp_path / "c.yaml", broker.port, tmp_path / "spool", ["a", LONG], protocol, pace_fps=40)  # noqa
         r = _run(assets, tmp_path, cfg)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "Traceback" not in r.stderr
@@ -101,7 +101,7 @@ def test_an_event_over_the_limit_is_set_aside_and_the_others_flow(assets: Path, 
         too_big = [e["id"] for e in console if e["camera"] == LONG]
         assert fits and too_big
         assert sub.wait_for(lambda ms: {m.json()["id"] for m in ms if m.topic.endswith("/events")} >= fits,
-                            timeout=20), "an event that fits did not arrive"
+                            timeout=20), "an event that fits did not arrive\n" + r.stderr[-4000:]
         arrived = {m.json()["id"] for m in sub.snapshot() if m.topic.endswith("/events")}
         assert arrived == fits
         # every oversize event is in the dead-letter table, once each, and the daemon said so

@@ -17,13 +17,14 @@ Message size: a broker drops the connection on a packet larger than its maximum 
 send the same event again after every reconnect, forever. So no message over the broker's limit is ever
 handed to paho. The limit is `mqtt.max_packet_size` when set, the `Maximum Packet Size` an MQTT 5 broker
 announces in CONNACK, or, with an MQTT 3.1.1 broker that announces nothing, learned from a message known to be
-over it (logged, with the setting that would have said so): the broker acknowledges in order and drops the
-connection at the first packet over its limit, so an event that is the oldest unacknowledged one at two drops in
-a row, each within a moment of the broker accepting the connection (paho sends it first), is over the limit;
-and a stats, tracks or snapshot message sent just before a drop while no event was unacknowledged is over it
-when that happens twice (the smaller of the two). The limit taken is one byte under such a message, so it never
-falls below the broker's true limit and no event that fits is ever set aside. The client is then made anew, so
-that paho forgets the event it would resend; the spool still has every unacknowledged event. An event over
+over it (logged, with the setting that would have said so). After a drop with events unacknowledged, the client
+goes careful: a new paho client (paho would send everything it holds at once after the reconnect) and one event
+in flight at a time, so when the broker drops the connection again right after an event was sent, larger than
+any event it ever acknowledged, that event is the one it could not take. A stats, tracks or snapshot message sent just before
+two drops, larger than any unacknowledged event, is over the limit too (the smaller of the two). The limit taken
+is one byte under such a message, so it never falls below the broker's true limit and no event that fits is set
+aside. The spool still has every unacknowledged event, sent again from the oldest (same ids). Careful mode ends
+after a quiet while. An event over
 the limit is moved to the spool's dead-letter table (counted, logged with its id) and the events behind it flow;
 a stats, tracks or snapshot message over it is skipped (one log line per kind, counted).
 """
@@ -52,8 +53,10 @@ log = logging.getLogger("edgecv.mqtt")
 MAX_INFLIGHT = 100
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
-PROMPT_DROP_S = 2.0  # a drop this soon after the broker accepted the connection: upon the first messages sent
+PROMPT_DROP_S = 1.0  # a drop this soon after an event was sent: upon that event
+CAREFUL_QUIET_S = 10.0  # careful mode (one event in flight) ends after this long without a drop
 RAW_WINDOW_S = 1.0  # a stats, tracks or snapshot message sent this long before a drop may have caused it
+RAW_MARGIN = 0.9  # best-effort messages keep to this share of a limit learned from one of them
 
 
 def _varint_len(n: int) -> int:
@@ -143,8 +146,9 @@ class MqttPublisher:
         self._attempt_refused = False
         self._attempt_log_error = ""
         self._attempt_started = 0.0
+        self._attempt_ended = False
         # sender-thread state only (paho callbacks never touch it: no lock-order issues with paho's mutexes)
-        self._inflight: list[tuple[mqtt.MQTTMessageInfo, int, int]] = []  # (info, seq, bytes) not acknowledged yet
+        self._inflight: list[tuple[mqtt.MQTTMessageInfo, int]] = []  # handed to paho, not yet acknowledged
         self._sent_upto = 0  # highest spool seq handed to paho
         # message ids paho reported complete (on_publish: PUBACK for QoS 1); appended by paho's thread, drained
         # by the sender into a bounded recent set
@@ -159,10 +163,12 @@ class MqttPublisher:
         self._limit_source = "mqtt.max_packet_size" if cfg.max_packet_size else ""
         # what learning the limit needs (paho's thread reads, the sender and publishing threads write)
         self._sends_lock = threading.Lock()
-        self._unacked: dict[int, int] = {}  # spool seq -> packet bytes of events handed to paho, not acknowledged
+        self._unacked: dict[int, tuple[int, float]] = {}  # spool seq -> (packet bytes, time sent), not acknowledged
+        self._max_acked = 0  # largest event packet the broker acknowledged: within its limit
+        self._careful_since: Optional[float] = None  # one event in flight at a time, since (monotonic)
         self._raw_sends: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, bytes), QoS 0
-        self._suspect_event: Optional[int] = None  # seq of the oldest unacknowledged event at the last prompt drop
-        self._suspect_raw: Optional[int] = None  # bytes of the message suspected at the last drop with none
+        self._suspect_raw: Optional[int] = None  # bytes of the stats/tracks/snapshot message suspected at a drop
+        self._raw_margin = False  # learned from such a message: they keep RAW_MARGIN under the limit
         self._accepted_at = 0.0
         self._renew = threading.Event()  # the sender thread makes a new paho client (drops paho's resend queue)
         self.skipped = 0  # stats, tracks and snapshot messages not sent: over the limit
@@ -203,7 +209,7 @@ class MqttPublisher:
 
     # ---- paho callbacks (network thread)
     def _on_attempt(self) -> None:
-        self._attempt_accepted = self._attempt_refused = False
+        self._attempt_accepted = self._attempt_refused = self._attempt_ended = False
         self._attempt_log_error = ""
         self._attempt_started = time.monotonic()
 
@@ -243,8 +249,9 @@ class MqttPublisher:
         self._wake.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if client is not self.client:
-            return  # a client being replaced
+        if client is not self.client or self._attempt_ended:
+            return  # a client being replaced, or a second report of the same drop
+        self._attempt_ended = True
         self._connected.clear()
         if self._stop.is_set():
             return
@@ -298,29 +305,31 @@ class MqttPublisher:
     def _suspect_drop(self) -> None:
         """The connection dropped (paho's network thread): does it show a message over the broker's limit?"""
         now = time.monotonic()
-        prompt = now - self._accepted_at <= PROMPT_DROP_S
         with self._sends_lock:
             head = min(self._unacked) if self._unacked else None
-            head_size = self._unacked.get(head, 0) if head is not None else 0
+            head_size, head_sent = self._unacked[head] if head is not None else (0, 0.0)
+            largest_event = max((size for size, _ in self._unacked.values()), default=0)
             raw = max((size for t, size in self._raw_sends if now - t <= RAW_WINDOW_S), default=0)
-        if head is not None:
-            self._suspect_raw = None
-            if not prompt or self._suspect_event != head:
-                self._suspect_event = head  # the next drop, right after paho sends it again, will tell
-                return
-            self._suspect_event = None
-            self._learn(head_size, "the broker closed the connection twice, each time right after the same event "
-                                   f"of {head_size} bytes was sent")
-            self._renew.set()  # paho would send that event again after every reconnect: start a new client
-            self._wake.set()
-            return
-        if raw:
+        if raw > largest_event:
+            # the largest message the broker may have choked on is a stats, tracks or snapshot message
             if self._suspect_raw is None:
                 self._suspect_raw = raw
                 return
             size, self._suspect_raw = min(self._suspect_raw, raw), None
+            self._raw_margin = True  # stats grow by a few bytes now and then: keep them well under what was learned
             self._learn(size, f"the broker closed the connection twice right after a message of {size} bytes or "
-                              "more, with no event waiting for its acknowledgement")
+                              "more, larger than any event it had not acknowledged")
+            return
+        if head is None:
+            return
+        if self._careful_since is not None and now - head_sent <= PROMPT_DROP_S and head_size > self._max_acked:
+            self._learn(head_size, f"the broker closed the connection right after an event of {head_size} bytes, "
+                                   "sent alone, larger than any it acknowledged")
+        # from now on one event at a time, so that the next drop names the event that caused it; a new client,
+        # because paho would send every event it holds again at once after the reconnect
+        self._careful_since = now
+        self._renew.set()
+        self._wake.set()
 
     def _learn(self, oversize: int, why: str) -> None:
         """``oversize`` bytes were too many for the broker: take one byte less as its limit (only ever lower)."""
@@ -409,14 +418,17 @@ class MqttPublisher:
             return
         data = payload.encode("utf-8") if isinstance(payload, str) else payload
         size = packet_size(topic, len(data), qos, self._v5)
-        if self.max_packet is not None and size > self.max_packet:
+        limit = self.max_packet
+        if limit is not None and self._raw_margin and self._limit_source.startswith("learned"):
+            limit = int(limit * RAW_MARGIN)
+        if limit is not None and size > limit:
             self.skipped += 1
             kind = topic.rsplit("/", 1)[-1]
             if kind not in self._skipped_kinds:
                 self._skipped_kinds.add(kind)
                 log.warning("mqtt: a %s message of %d bytes is over the broker's maximum packet size of %d bytes (%s):"
-                            " skipped, and so are the next ones over it (counted in stats as mqtt.skipped)",
-                            kind, size, self.max_packet, self._limit_source)
+                            " skipped, and so are the next ones over it (counted in stats as mqtt_skipped)",
+                            kind, size, limit, self._limit_source)
             return
         if not qos:
             with self._sends_lock:
@@ -428,12 +440,6 @@ class MqttPublisher:
         with self._direct_lock:
             direct = len(self._direct)
         return self.spool.depth + direct
-
-    def stats(self) -> dict[str, Any]:
-        """Figures for the stats message."""
-        return {"state": self.state, "published": self.published, "acked": self.acked,
-                "unspooled": self.unspooled, "lost": self.lost, "max_packet_size": self.max_packet,
-                "skipped": self.skipped}
 
     def _send_loop(self) -> None:
         failure = ""
@@ -455,9 +461,12 @@ class MqttPublisher:
             self._renew.clear()
             self._renew_client()
         self._reap()
+        since = self._careful_since
+        if since is not None and self.connected and time.monotonic() - since > CAREFUL_QUIET_S:
+            self._careful_since = None
         if not self.connected:
             return
-        room = MAX_INFLIGHT - len(self._inflight)
+        room = (1 if self._careful_since is not None else MAX_INFLIGHT) - len(self._inflight)
         if room <= 0:
             return
         for item in self.spool.next_items(self._sent_upto, room):
@@ -484,15 +493,16 @@ class MqttPublisher:
             self._recent_mids[self._completed_mids.popleft()] = None
         while len(self._recent_mids) > 4096:  # mids of other messages (status, stats) that match no event
             self._recent_mids.popitem(last=False)
-        still: list[tuple[mqtt.MQTTMessageInfo, int, int]] = []
-        for info, seq, size in self._inflight:
+        still: list[tuple[mqtt.MQTTMessageInfo, int]] = []
+        for info, seq in self._inflight:
             if self._done(info):
                 self.spool.ack(seq)
                 self.acked += 1
                 with self._sends_lock:
-                    self._unacked.pop(seq, None)
+                    size, _ = self._unacked.pop(seq, (0, 0.0))
+                    self._max_acked = max(self._max_acked, size)
             else:
-                still.append((info, seq, size))
+                still.append((info, seq))
         self._inflight = still
         with self._direct_lock:
             if self._direct:
@@ -520,9 +530,9 @@ class MqttPublisher:
         size = packet_size(item.topic, len(payload), self.cfg.qos, self._v5)
         if self.cfg.qos:
             with self._sends_lock:
-                self._unacked[item.seq] = size
+                self._unacked[item.seq] = (size, time.monotonic())
         info = self.client.publish(item.topic, payload, qos=self.cfg.qos)
-        self._inflight.append((info, item.seq, size))
+        self._inflight.append((info, item.seq))
         self.published += 1
 
     def flush(self, deadline_s: float) -> int:
