@@ -52,7 +52,7 @@ def _stat(values: list[float]) -> str:
 def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) -> list[tuple[str, str]]:
     """Rows of the driving benchmark (see the module docstring)."""
     from .config import ConfigError, load
-    from .daemon import load_models
+    from .models import load_models
     from .pipeline import CameraWorker, Pipeline, build_rules, tracker_config
     from .sources.capture import make_source
     from .tracking.bytetrack import ByteTracker

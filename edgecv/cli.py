@@ -28,7 +28,7 @@ def _config_problems(problems: Sequence[str]) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .config import ConfigError, load
-    from .daemon import load_detector
+    from .models import load_detector
 
     try:
         cfg = load(args.config)

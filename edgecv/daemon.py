@@ -15,11 +15,10 @@ from typing import Any, Optional
 import numpy as np
 
 from . import EdgecvError
-from .config import Config, ConfigError, ModelConfig, resolve_path
+from .config import Config, ConfigError, resolve_path
 from .config import load as load_config
-from .engine.adapters import Detector
-from .engine.registry import build_detector
-from .pipeline import EventSink, ModelSet, Pipeline, build_rules, tracker_config
+from .models import load_models
+from .pipeline import EventSink, Pipeline, build_rules, tracker_config
 from .publish.console import ConsoleSink
 from .publish.mqtt import MqttPublisher
 from .publish.snapshot import SnapshotPublisher
@@ -47,90 +46,6 @@ def setup_logging(level: str = "info") -> None:
         handler._edgecv = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-
-
-def load_detector(cfg: Config) -> Detector:
-    """Build the configured models and return the detector (see :func:`load_models`)."""
-    return load_models(cfg).detector
-
-
-def load_models(cfg: Config) -> ModelSet:
-    """Build every configured model and check the config against them.
-
-    Exactly one detector (its boxes are tracked) and any number of segmenters; every class name the
-    config uses must be one of the detector's (a segmenter's `classes` one of its mask names); the
-    masks the driving rules need must come from a segmenter. Errors of a model in `models` start with
-    its field path (`models[1]: ...`).
-    """
-    sections = cfg.model_sections
-    detectors: list[tuple[str, ModelConfig, Detector]] = []
-    segmenters: list[tuple[str, ModelConfig, Any]] = []
-    for key, m in sections:
-        model_path = resolve_path(cfg, m.path)
-        if model_path is None:
-            raise ConfigError([f"{key}.path: file not found: {m.path}"])
-        labels = resolve_path(cfg, m.labels) if m.labels else None
-        try:
-            adapter = build_detector(model_path, family=m.family, backend=m.backend, conf=m.conf, iou=m.iou,
-                                     classes=None, labels=labels, threads=m.threads)
-        except EdgecvError as e:  # a model that cannot be used is a problem of the config that names it
-            raise ConfigError([f"{key}: {e}" if cfg.models is not None else f"{key}.path: {e}"]) from None
-        (detectors if adapter.kind == "detector" else segmenters).append((key, m, adapter))
-    if len(detectors) != 1:
-        found = ", ".join(f"{k} ({a.family})" for k, _, a in detectors + segmenters)
-        raise ConfigError([f"models: expected exactly one detector model (tracked), got {len(detectors)}: {found}"])
-    det_key, det_cfg, detector = detectors[0]
-    problems: list[str] = []
-    valid = set(detector.names)
-    det_name = Path(str(detector.backend.path)).name
-
-    def check(field: str, classes: Optional[list[str]]) -> None:
-        for c in classes or []:
-            if c not in valid:
-                problems.append(f"{field}: unknown class {c!r} for model {det_name} "
-                                f"(e.g. {', '.join(list(detector.names)[:6])}, ...)")
-
-    check(f"{det_key}.classes", det_cfg.classes)
-    masks: dict[str, str] = {}  # mask name -> the model section giving it
-    for key, m, seg in segmenters:
-        unknown = [c for c in m.classes or [] if c not in seg.names]
-        for c in unknown:
-            problems.append(f"{key}.classes: unknown mask {c!r} for model {Path(m.path).name} "
-                            f"(masks: {', '.join(seg.names)})")
-        if m.classes and not unknown:
-            seg.keep = set(m.classes)
-        for name in sorted(seg.keep, key=seg.names.index):
-            if name in masks:
-                problems.append(f"{key}: mask {name!r} is also given by {masks[name]}; keep one with `classes`")
-            masks.setdefault(name, key)
-    for cam_name, cam in cfg.cameras.items():
-        check(f"cameras.{cam_name}.objects.classes", cam.objects.classes)
-        for zname, z in cam.zones.items():
-            check(f"cameras.{cam_name}.zones.{zname}.classes", z.classes)
-        for lname, ln in cam.lines.items():
-            check(f"cameras.{cam_name}.lines.{lname}.classes", ln.classes)
-        drv = cam.driving
-        if drv is None:
-            continue
-        have = ", ".join(masks) or "none: add a semseg model to `models`"
-        if drv.collision is not None and drv.collision.enabled:
-            c = drv.collision
-            check(f"cameras.{cam_name}.driving.collision.classes", c.classes)
-            if c.uses_drivable and "drivable" not in masks and not (c.ego_path == "either" and c.ego_corridor):
-                problems.append(f"cameras.{cam_name}.driving.collision: ego_path {c.ego_path!r} needs the 'drivable' "
-                                f"mask of a segmentation model (masks: {have}) or an ego_corridor polygon")
-        if drv.drivable_zone is not None and drv.drivable_zone.enabled:
-            z = drv.drivable_zone
-            check(f"cameras.{cam_name}.driving.drivable_zone.classes", z.classes)
-            if z.mask not in masks:
-                problems.append(f"cameras.{cam_name}.driving.drivable_zone.mask: no model gives mask {z.mask!r} "
-                                f"(masks: {have})")
-    if problems:
-        raise ConfigError(problems)
-    if det_cfg.classes:
-        detector.class_filter = np.asarray(detector.class_ids(det_cfg.classes), np.int32)
-    order = [(det_key, det_cfg)] + [(k, m) for k, m, _ in segmenters]
-    return ModelSet(detector, [s for _, _, s in segmenters], names=[m.display_name for _, m in order])
 
 
 class PublisherSink:

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
 
@@ -29,7 +29,7 @@ from .analytics.driving import CollisionRule, MaskZoneRule
 from .analytics.rules import FrameContext, LineRule, ObjectRule, Removed, Rule, ZoneRule
 from .config import CameraConfig, Config, resolve_path
 from .engine.adapters import Detector
-from .engine.segmentation import SemanticSegmenter
+from .models import ModelSet, Prepared
 from .sources.base import Source
 from .sources.capture import make_source
 from .tracking.bytetrack import ByteTracker, TrackerConfig
@@ -40,61 +40,6 @@ log = logging.getLogger("edgecv.pipeline")
 
 class EventSink(Protocol):
     def emit(self, event: Event) -> None: ...
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A frame with every model's input made from it on the capture thread."""
-
-    frame: Frame
-    tensors: tuple[np.ndarray, ...]  # C x H x W per model (ModelSet order), ready for the engines
-    boxes: tuple[Any, ...]  # per model: its adapter's placement (Letterbox, InputRegion), handed to postprocess
-    prep_ms: float = 0.0  # time spent preprocessing (all models)
-
-
-def gpu_preprocessed(model: Any) -> bool:
-    """Whether the model's backend letterboxes frames on the GPU (TensorRT with the kernel attached)."""
-    return getattr(model.backend, "preprocessor", None) is not None
-
-
-class ModelSet:
-    """The models run on every frame: one detector (first; its boxes are tracked) and any segmenters."""
-
-    def __init__(self, detector: Detector, segmenters: Sequence[SemanticSegmenter] = (),
-                 names: Optional[Sequence[str]] = None) -> None:
-        self.detector = detector
-        self.segmenters = list(segmenters)
-        self.all: list[Any] = [detector, *self.segmenters]
-        self.names = list(names) if names is not None else [Path(str(m.backend.path)).stem for m in self.all]
-        if len(self.names) != len(self.all) or len(set(self.names)) != len(self.names):
-            raise ValueError(f"ModelSet: expected {len(self.all)} distinct model names, got {self.names}")
-        self.max_batch = max(1, min(m.backend.max_batch for m in self.all))
-
-    def prepare(self, frame: Frame) -> Prepared:
-        """Every model's input for one frame (runs on the capture thread).
-
-        A model whose backend has GPU preprocessing attached (TensorRT) gets no CPU tensor here: the
-        inference thread letterboxes the frame straight into the engine's input buffer instead.
-        """
-        t0 = time.perf_counter()
-        made = [(None, None) if gpu_preprocessed(m) else m.preprocess(frame.image) for m in self.all]
-        return Prepared(frame, tuple(t for t, _ in made), tuple(b for _, b in made),
-                        (time.perf_counter() - t0) * 1000)
-
-    def infer(self, j: int, chunk: Sequence[Prepared]) -> tuple[list[np.ndarray], Optional[list[Any]]]:
-        """Model j's outputs for a chunk of frames, and the placements when the GPU made the inputs."""
-        model = self.all[j]
-        if gpu_preprocessed(model):
-            return model.backend.infer_images([p.frame.image for p in chunk])
-        return model.backend.infer(np.stack([p.tensors[j] for p in chunk])), None
-
-    def decode(self, prepared: Prepared, outputs: Sequence[list[np.ndarray]]) -> tuple[Detections, Optional[SemanticMasks]]:
-        """The detector's Detections and the segmenters' merged masks for one frame's outputs."""
-        dets = self.detector.postprocess(outputs[0], [prepared.boxes[0]])[0]
-        if not self.segmenters:
-            return dets, None
-        parts = [seg.postprocess(outputs[j], [prepared.boxes[j]])[0] for j, seg in enumerate(self.segmenters, 1)]
-        return dets, SemanticMasks.merge(parts)
 
 
 class LatencyWindow:

@@ -15,9 +15,9 @@ import yaml
 
 from . import EdgecvError, UsageError
 from .config import Config, ConfigError, parse
-from .daemon import load_models
 from .evaluation.mot import format_rows
-from .pipeline import EventSink, ModelSet, Pipeline
+from .models import ModelSet, load_models
+from .pipeline import EventSink, Pipeline
 from .types import Detections, Frame
 
 # config field paths as the command line names them

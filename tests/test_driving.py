@@ -18,7 +18,7 @@ from conftest import edgecv_env
 from edgecv.analytics.driving import CollisionRule, MaskZoneRule, box_scale, fit_ttc, mask_share_below
 from edgecv.analytics.rules import FrameContext, ObjectRule, Removed
 from edgecv.config import ConfigError, parse
-from edgecv.daemon import load_models
+from edgecv.models import load_models
 from edgecv.schema import EVENT_JSON_SCHEMA
 from edgecv.types import Detections, SemanticMasks
 

@@ -360,7 +360,8 @@ def test_pipeline_uses_gpu_preprocessing_when_the_backend_has_it(fake_gpu: Any, 
     from edgecv.config import parse
     from edgecv.engine.cache import onnx_metadata
     from edgecv.engine.tensorrt import TensorRTBackend
-    from edgecv.pipeline import ModelSet, Pipeline
+    from edgecv.models import ModelSet
+    from edgecv.pipeline import Pipeline
     from edgecv.types import Frame
 
     cuda, kernel = fake_gpu

@@ -11,7 +11,7 @@ import numpy as np
 from test_segmentation import SIZE, constant_model, seg_scene
 
 from edgecv.config import parse
-from edgecv.daemon import load_models
+from edgecv.models import load_models
 from edgecv.pipeline import Pipeline
 from edgecv.schema import EVENT_JSON_SCHEMA
 from edgecv.types import Event

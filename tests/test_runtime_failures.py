@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from onnx_models import save_graph
 
 from edgecv.config import parse
-from edgecv.daemon import load_models
+from edgecv.models import load_models
 from edgecv.pipeline import Pipeline
 
 pytestmark = pytest.mark.integration

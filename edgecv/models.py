@@ -1,0 +1,189 @@
+"""The models run on every frame: building them from the config, checking the config against them, and the
+per-frame steps (preprocess on the capture thread, inference, decoding on the camera worker).
+
+`load_models(cfg)` builds every configured model (one detector, whose boxes are tracked, and any semantic
+segmenters) and checks every class and mask name the config uses against them; problems are `ConfigError`s
+naming their field (`model.path`, `models[1]`, `cameras.gate.zones.door.classes`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from . import EdgecvError
+from .config import Config, ConfigError, DrivingConfig, ModelConfig, resolve_path
+from .engine.adapters import Detector
+from .engine.registry import build_detector
+from .engine.segmentation import SemanticSegmenter
+from .types import Detections, Frame, SemanticMasks
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A frame with every model's input made from it on the capture thread."""
+
+    frame: Frame
+    tensors: tuple[np.ndarray, ...]  # C x H x W per model (ModelSet order), ready for the engines
+    boxes: tuple[Any, ...]  # per model: its adapter's placement (Letterbox, InputRegion), handed to postprocess
+    prep_ms: float = 0.0  # time spent preprocessing (all models)
+
+
+def gpu_preprocessed(model: Any) -> bool:
+    """Whether the model's backend letterboxes frames on the GPU (TensorRT with the kernel attached)."""
+    return getattr(model.backend, "preprocessor", None) is not None
+
+
+class ModelSet:
+    """The models run on every frame: one detector (first; its boxes are tracked) and any segmenters."""
+
+    def __init__(self, detector: Detector, segmenters: Sequence[SemanticSegmenter] = (),
+                 names: Optional[Sequence[str]] = None) -> None:
+        self.detector = detector
+        self.segmenters = list(segmenters)
+        self.all: list[Any] = [detector, *self.segmenters]
+        self.names = list(names) if names is not None else [Path(str(m.backend.path)).stem for m in self.all]
+        if len(self.names) != len(self.all) or len(set(self.names)) != len(self.names):
+            raise ValueError(f"ModelSet: expected {len(self.all)} distinct model names, got {self.names}")
+        self.max_batch = max(1, min(m.backend.max_batch for m in self.all))
+
+    def prepare(self, frame: Frame) -> Prepared:
+        """Every model's input for one frame (runs on the capture thread).
+
+        A model whose backend has GPU preprocessing attached (TensorRT) gets no CPU tensor here: the
+        inference thread letterboxes the frame straight into the engine's input buffer instead.
+        """
+        t0 = time.perf_counter()
+        made = [(None, None) if gpu_preprocessed(m) else m.preprocess(frame.image) for m in self.all]
+        return Prepared(frame, tuple(t for t, _ in made), tuple(b for _, b in made),
+                        (time.perf_counter() - t0) * 1000)
+
+    def infer(self, j: int, chunk: Sequence[Prepared]) -> tuple[list[np.ndarray], Optional[list[Any]]]:
+        """Model j's outputs for a chunk of frames, and the placements when the GPU made the inputs."""
+        model = self.all[j]
+        if gpu_preprocessed(model):
+            return model.backend.infer_images([p.frame.image for p in chunk])
+        return model.backend.infer(np.stack([p.tensors[j] for p in chunk])), None
+
+    def decode(self, prepared: Prepared, outputs: Sequence[list[np.ndarray]]) -> tuple[Detections, Optional[SemanticMasks]]:
+        """The detector's Detections and the segmenters' merged masks for one frame's outputs."""
+        dets = self.detector.postprocess(outputs[0], [prepared.boxes[0]])[0]
+        if not self.segmenters:
+            return dets, None
+        parts = [seg.postprocess(outputs[j], [prepared.boxes[j]])[0] for j, seg in enumerate(self.segmenters, 1)]
+        return dets, SemanticMasks.merge(parts)
+
+
+Built = tuple[str, ModelConfig, Any]  # (field path, section, adapter)
+
+
+def load_models(cfg: Config) -> ModelSet:
+    """Build every configured model and check the config against them.
+
+    Exactly one detector (its boxes are tracked) and any number of segmenters; every class name the
+    config uses must be one of the detector's (a segmenter's `classes` one of its mask names); the
+    masks the driving rules need must come from a segmenter. Errors of a model in `models` start with
+    its field path (`models[1]: ...`).
+    """
+    built = [_build(cfg, key, m) for key, m in cfg.model_sections]
+    detectors = [b for b in built if b[2].kind == "detector"]
+    segmenters = [b for b in built if b[2].kind != "detector"]
+    if len(detectors) != 1:
+        found = ", ".join(f"{k} ({a.family})" for k, _, a in detectors + segmenters)
+        raise ConfigError([f"models: expected exactly one detector model (tracked), got {len(detectors)}: {found}"])
+    det_key, det_cfg, detector = detectors[0]
+    problems: list[str] = []
+    check = _class_check(detector, problems)
+    check(f"{det_key}.classes", det_cfg.classes)
+    masks = _check_masks(segmenters, problems)
+    _check_cameras(cfg, masks, check, problems)
+    if problems:
+        raise ConfigError(problems)
+    if det_cfg.classes:
+        detector.class_filter = np.asarray(detector.class_ids(det_cfg.classes), np.int32)
+    order = [(det_key, det_cfg)] + [(k, m) for k, m, _ in segmenters]
+    return ModelSet(detector, [s for _, _, s in segmenters], names=[m.display_name for _, m in order])
+
+
+def load_detector(cfg: Config) -> Detector:
+    """Build the configured models and return the detector (see :func:`load_models`)."""
+    return load_models(cfg).detector
+
+
+def _build(cfg: Config, key: str, m: ModelConfig) -> Built:
+    model_path = resolve_path(cfg, m.path)
+    if model_path is None:
+        raise ConfigError([f"{key}.path: file not found: {m.path}"])
+    labels = resolve_path(cfg, m.labels) if m.labels else None
+    try:
+        adapter = build_detector(model_path, family=m.family, backend=m.backend, conf=m.conf, iou=m.iou,
+                                 classes=None, labels=labels, threads=m.threads)
+    except EdgecvError as e:  # a model that cannot be used is a problem of the config that names it
+        raise ConfigError([f"{key}: {e}" if cfg.models is not None else f"{key}.path: {e}"]) from None
+    return key, m, adapter
+
+
+def _check_masks(segmenters: Sequence[Built], problems: list[str]) -> dict[str, str]:
+    """The masks the segmenters give (name -> the model section giving it); unknown or doubled masks are
+    problems."""
+    masks: dict[str, str] = {}
+    for key, m, seg in segmenters:
+        unknown = [c for c in m.classes or [] if c not in seg.names]
+        for c in unknown:
+            problems.append(f"{key}.classes: unknown mask {c!r} for model {Path(m.path).name} "
+                            f"(masks: {', '.join(seg.names)})")
+        if m.classes and not unknown:
+            seg.keep = set(m.classes)
+        for name in sorted(seg.keep, key=seg.names.index):
+            if name in masks:
+                problems.append(f"{key}: mask {name!r} is also given by {masks[name]}; keep one with `classes`")
+            masks.setdefault(name, key)
+    return masks
+
+
+ClassCheck = Callable[[str, Optional[list[str]]], None]
+
+
+def _class_check(detector: Detector, problems: list[str]) -> ClassCheck:
+    """A function adding a problem for every name in `classes` that is not one of the detector's classes."""
+    valid = set(detector.names)
+    det_name = Path(str(detector.backend.path)).name
+
+    def check(field: str, classes: Optional[list[str]]) -> None:
+        for c in classes or []:
+            if c not in valid:
+                problems.append(f"{field}: unknown class {c!r} for model {det_name} "
+                                f"(e.g. {', '.join(list(detector.names)[:6])}, ...)")
+    return check
+
+
+def _check_cameras(cfg: Config, masks: dict[str, str], check: ClassCheck, problems: list[str]) -> None:
+    """Every class name the cameras use is one of the detector's; the driving rules' masks exist."""
+    for cam_name, cam in cfg.cameras.items():
+        at = f"cameras.{cam_name}"
+        check(f"{at}.objects.classes", cam.objects.classes)
+        for zname, z in cam.zones.items():
+            check(f"{at}.zones.{zname}.classes", z.classes)
+        for lname, ln in cam.lines.items():
+            check(f"{at}.lines.{lname}.classes", ln.classes)
+        if cam.driving is not None:
+            _check_driving(at, cam.driving, masks, check, problems)
+
+
+def _check_driving(at: str, drv: DrivingConfig, masks: dict[str, str], check: ClassCheck,
+                   problems: list[str]) -> None:
+    have = ", ".join(masks) or "none: add a semseg model to `models`"
+    if drv.collision is not None and drv.collision.enabled:
+        c = drv.collision
+        check(f"{at}.driving.collision.classes", c.classes)
+        if c.uses_drivable and "drivable" not in masks and not (c.ego_path == "either" and c.ego_corridor):
+            problems.append(f"{at}.driving.collision: ego_path {c.ego_path!r} needs the 'drivable' "
+                            f"mask of a segmentation model (masks: {have}) or an ego_corridor polygon")
+    if drv.drivable_zone is not None and drv.drivable_zone.enabled:
+        z = drv.drivable_zone
+        check(f"{at}.driving.drivable_zone.classes", z.classes)
+        if z.mask not in masks:
+            problems.append(f"{at}.driving.drivable_zone.mask: no model gives mask {z.mask!r} (masks: {have})")
