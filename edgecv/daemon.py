@@ -17,7 +17,8 @@ import numpy as np
 from . import EdgecvError
 from .config import Config, ConfigError, resolve_path
 from .config import load as load_config
-from .models import load_models
+from .config_diff import applied, diff
+from .models import load_models, retuned
 from .pipeline import EventSink, Pipeline, build_rules, tracker_config
 from .publish.console import ConsoleSink
 from .publish.mqtt import MqttPublisher
@@ -159,18 +160,19 @@ class Daemon:
         return cfg.model_copy(update={"cameras": {n: c.model_copy(update=update) for n, c in cfg.cameras.items()}})
 
     def reload(self) -> bool:
-        """SIGHUP: re-read the config file; apply rule, tracker and model-threshold changes to the running
-        cameras without restarting their sources. An invalid file is rejected and the running config kept.
-        Changes that need new sources, models or a new broker connection are reported, not applied."""
+        """SIGHUP: re-read the config file; apply rule, tracker and detector-threshold changes to the running
+        cameras, each from its next frame (through the worker's handoff), without restarting their sources. An
+        invalid file is rejected and the running config kept. Changes that need new sources, models or a new
+        broker connection are reported, not applied (see :mod:`edgecv.config_diff`)."""
         assert self.config_path is not None
         log.info("received SIGHUP: reloading %s", self.config_path)
         try:
             new = self._override(load_config(self.config_path))
-            rules = {name: build_rules(cam, self.detector) for name, cam in new.cameras.items()
-                     if name in self.pipeline.workers}
-            for key, m in new.model_sections:  # an unknown class name rejects the reload before anything applies
-                if m.display_name == self.models.names[0] and m.classes:
-                    self.detector.class_ids(m.classes)
+            change = diff(self.cfg, new, self.models.names[0])
+            # everything is built before anything applies: an unknown class name rejects the whole reload
+            rules = {name: build_rules(new.cameras[name], self.detector) for name in change.rules}
+            tcfg = tracker_config(new, 1.0, self.detector.family) if change.tracker else None
+            decoder = retuned(self.detector, dict(new.model_sections)[change.detector]) if change.detector else None
         except ConfigError as e:
             for problem in e.problems:
                 log.error("reload rejected: %s", problem)
@@ -179,57 +181,13 @@ class Daemon:
         except EdgecvError as e:
             log.error("reload rejected: %s; keeping the running config", e)
             return False
-        old = self.cfg
-        applied: list[str] = []
-        needs_restart: list[str] = []
-        rule_keys = {"zones", "lines", "objects", "driving"}
-        for name, cam in new.cameras.items():
-            prev = old.cameras.get(name)
-            if prev is None:
-                needs_restart.append(f"new camera {name}")
-                continue
-            if prev.model_dump(exclude=rule_keys) != cam.model_dump(exclude=rule_keys):
-                needs_restart.append(f"cameras.{name} source settings")
-            if prev.model_dump(include=rule_keys) != cam.model_dump(include=rule_keys):
-                self.pipeline.workers[name].reconfigure(rules=rules[name])
-                applied.append(f"cameras.{name} rules")
-        needs_restart += [f"removed camera {n}" for n in old.cameras if n not in new.cameras]
-        if new.tracker != old.tracker:
-            tcfg = tracker_config(new, 1.0, self.detector.family)  # each worker keeps its own frame rate
-            for w in self.pipeline.workers.values():
-                w.reconfigure(tracker_config=tcfg)
-            applied.append("tracker")
-        live = {"conf", "iou", "classes"}
-        old_models, new_models = old.model_sections, new.model_sections
-        if [(k, m.model_dump(exclude=live)) for k, m in old_models] != [(k, m.model_dump(exclude=live)) for k, m in new_models]:
-            needs_restart.append("models")
-        else:
-            # the detector is the ModelSet's first model, whatever its place in `models`
-            det_key = next(k for k, m in old_models if m.display_name == self.models.names[0])
-            m = dict(new_models)[det_key]
-            if m.model_dump(include=live) != dict(old_models)[det_key].model_dump(include=live):
-                self.detector.conf, self.detector.iou = m.conf, m.iou
-                self.detector.class_filter = (np.asarray(self.detector.class_ids(m.classes), np.int32)
-                                              if m.classes else None)
-                applied.append(f"{det_key} thresholds")
-            changed = [k for (k, a), (_, b) in zip(old_models, new_models)
-                       if k != det_key and a.model_dump(include=live) != b.model_dump(include=live)]
-            needs_restart += [f"{k} thresholds" for k in changed]
-        for section in ("node_id", "mqtt", "console", "log_level"):
-            if getattr(new, section) != getattr(old, section):
-                needs_restart.append(section)
-        # what was applied is now the running config; the rest keeps its running values until a restart
-        cameras = dict(old.cameras)
-        for n, c in new.cameras.items():
-            if n in cameras:
-                cameras[n] = cameras[n].model_copy(update={k: getattr(c, k) for k in rule_keys})
-        update: dict[str, Any] = {"tracker": new.tracker, "cameras": cameras}
-        if "models" not in needs_restart:
-            update.update(model=new.model, models=new.models)
-        self.cfg = old.model_copy(update=update)
-        log.info("reload: applied %s", ", ".join(applied) if applied else "nothing (no change)")
-        if needs_restart:
-            log.warning("reload: not applied until a restart: %s", ", ".join(needs_restart))
+        for name, w in self.pipeline.workers.items():  # each worker keeps its own frame rate
+            w.reconfigure(rules=rules.get(name), tracker_config=tcfg, detector=decoder)
+        self.cfg = applied(self.cfg, new, change)
+        live = change.live
+        log.info("reload: applied %s", ", ".join(live) if live else "nothing (no change)")
+        if change.restart:
+            log.warning("reload: not applied until a restart: %s", ", ".join(change.restart))
         return True
 
     def run(self) -> int:

@@ -7,6 +7,7 @@ naming their field (`model.path`, `models[1]`, `cameras.gate.zones.door.classes`
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,9 +69,11 @@ class ModelSet:
             return model.backend.infer_images([p.frame.image for p in chunk])
         return model.backend.infer(np.stack([p.tensors[j] for p in chunk])), None
 
-    def decode(self, prepared: Prepared, outputs: Sequence[list[np.ndarray]]) -> tuple[Detections, Optional[SemanticMasks]]:
-        """The detector's Detections and the segmenters' merged masks for one frame's outputs."""
-        dets = self.detector.postprocess(outputs[0], [prepared.boxes[0]])[0]
+    def decode(self, prepared: Prepared, outputs: Sequence[list[np.ndarray]],
+               detector: Optional[Detector] = None) -> tuple[Detections, Optional[SemanticMasks]]:
+        """The detector's Detections and the segmenters' merged masks for one frame's outputs; ``detector``
+        decodes the boxes instead of the set's own (a camera's copy with reloaded thresholds, see `retuned`)."""
+        dets = (detector or self.detector).postprocess(outputs[0], [prepared.boxes[0]])[0]
         if not self.segmenters:
             return dets, None
         parts = [seg.postprocess(outputs[j], [prepared.boxes[j]])[0] for j, seg in enumerate(self.segmenters, 1)]
@@ -106,6 +109,15 @@ def load_models(cfg: Config) -> ModelSet:
         detector.class_filter = np.asarray(detector.class_ids(det_cfg.classes), np.int32)
     order = [(det_key, det_cfg)] + [(k, m) for k, m, _ in segmenters]
     return ModelSet(detector, [s for _, _, s in segmenters], names=[m.display_name for _, m in order])
+
+
+def retuned(detector: Detector, m: ModelConfig) -> Detector:
+    """A copy of ``detector`` (sharing its model) decoding with the section's conf, iou and classes; an unknown
+    class name is an error. A reload hands it to every camera worker, which decodes with it from its next frame."""
+    d = copy.copy(detector)
+    d.conf, d.iou = m.conf, m.iou
+    d.class_filter = np.asarray(detector.class_ids(m.classes), np.int32) if m.classes else None
+    return d
 
 
 def load_detector(cfg: Config) -> Detector:

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
 
@@ -110,6 +110,15 @@ def stream_epoch(source: Source) -> str:
     return f"{time.time():.6f}"
 
 
+@dataclass(frozen=True)
+class _Reconfigure:
+    """A config reload's changes for one camera worker (None: unchanged)."""
+
+    rules: Optional[list[Rule]] = None
+    tracker_config: Optional[TrackerConfig] = None
+    detector: Optional[Detector] = None
+
+
 EventsHook = Callable[[Frame, Detections, Optional[SemanticMasks], list[Event]], None]
 
 
@@ -157,9 +166,10 @@ class CameraWorker:
         self.frames_failed = 0  # frames dropped because inference or their processing failed
         self.failures_in_a_row = 0
         self.failed: Optional[str] = None  # why this camera was given up (failure_limit frames failed in a row)
+        self.decoder: Detector = self.detector  # decodes the boxes (a reload may hand over a retuned copy)
         # set by reconfigure() from another thread, taken by this worker's thread before its next frame
-        self._new_rules: Optional[list[Rule]] = None
-        self._new_tracker_config: Optional[TrackerConfig] = None
+        self._handoff: Optional[_Reconfigure] = None
+        self._handoff_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -172,23 +182,35 @@ class CameraWorker:
         return self._thread.is_alive()
 
     def reconfigure(self, rules: Optional[Sequence[Rule]] = None,
-                    tracker_config: Optional[TrackerConfig] = None) -> None:
-        """Swap in new rules and/or tracker thresholds (config reload) from the next frame on.
+                    tracker_config: Optional[TrackerConfig] = None, detector: Optional[Detector] = None) -> None:
+        """Swap in new rules, tracker thresholds and/or a detector copy with new thresholds (config reload),
+        all taken by this worker's thread before its next frame (None: unchanged).
 
         The source and the tracker's tracks (and ids) are kept; new rules start with no per-track state.
         """
-        if rules is not None:
-            self._new_rules = list(rules)
-        if tracker_config is not None:
-            self._new_tracker_config = tracker_config
+        with self._handoff_lock:  # two reloads before the next frame: the newer value of each part wins
+            pending = self._handoff or _Reconfigure()
+            self._handoff = _Reconfigure(pending.rules if rules is None else list(rules),
+                                         tracker_config or pending.tracker_config, detector or pending.detector)
 
     def _apply_reconfigure(self) -> None:
-        rules, self._new_rules = self._new_rules, None
-        if rules is not None:
-            self.rules = rules
-        tcfg, self._new_tracker_config = self._new_tracker_config, None
-        if tcfg is not None and self.tracker is not None:
-            self.tracker.reconfigure(replace(tcfg, frame_rate=self.tracker.config.frame_rate))
+        with self._handoff_lock:
+            change, self._handoff = self._handoff, None
+        if change is None:
+            return
+        if change.rules is not None:
+            self.rules = change.rules
+        if change.tracker_config is not None:  # called with a frame at hand: the source's fps is known
+            tracker = self._ensure_tracker()
+            tracker.reconfigure(replace(change.tracker_config, frame_rate=tracker.config.frame_rate))
+        if change.detector is not None:
+            self.decoder = change.detector
+
+    def _ensure_tracker(self) -> ByteTracker:
+        """The tracker, made on the first frame, once the source's fps is known."""
+        if self.tracker is None:
+            self.tracker = self.make_tracker(self.source.fps or self.source.cfg.max_fps or 15.0)
+        return self.tracker
 
     def _run(self) -> None:
         while True:
@@ -220,7 +242,9 @@ class CameraWorker:
         """One frame: ``outputs`` holds each model's outputs (ModelSet order) for this frame only."""
         t0 = time.perf_counter()
         frame = prepared.frame
-        dets, semantic = self.models.decode(prepared, outputs)
+        if self._handoff is not None:  # a reload: from this frame on, decoding included
+            self._apply_reconfigure()
+        dets, semantic = self.models.decode(prepared, outputs, self.decoder)
         for n in self.model_frames:
             self.model_frames[n] += 1
         t1 = time.perf_counter()
@@ -233,15 +257,14 @@ class CameraWorker:
     def handle(self, frame: Frame, dets: Detections, semantic: Optional[SemanticMasks]) -> list[Event]:
         """Track, run the rules and emit the events of one decoded frame; returns the events."""
         t1 = time.perf_counter()
-        if self._new_rules is not None or self._new_tracker_config is not None:
+        if self._handoff is not None:  # handle() alone (no decode) takes a reload here
             self._apply_reconfigure()
-        if self.tracker is None:
-            self.tracker = self.make_tracker(self.source.fps or self.source.cfg.max_fps or 15.0)
+        tracker = self._ensure_tracker()
         skipped = max(0, frame.index - self._last_index - 1) if self._last_index else 0
         self._last_index = frame.index
         if self.on_detections is not None:
             self.on_detections(frame, dets)
-        tracks = self.tracker.update(dets, frames_skipped=skipped, image=frame.image)
+        tracks = tracker.update(dets, frames_skipped=skipped, image=frame.image)
         w, h = self.frame_size = frame.size
         np.clip(tracks.xyxy, 0, np.array([w, h, w, h], np.float32), out=tracks.xyxy)  # Kalman boxes may overshoot
         removed = [Removed(e.track_id, e.class_id, e.score, e.xyxy) for e in self.tracker.events if e.kind == "removed"]
