@@ -77,14 +77,6 @@ def asset_roots() -> list[Path]:
     return out
 
 
-def assets_root() -> Path:
-    """The primary assets folder (first existing root, else the cache folder)."""
-    for r in asset_roots():
-        if r.is_dir():
-            return r
-    return cache_dir()
-
-
 def resolve(path: str | os.PathLike, base_dir: Optional[Path] = None) -> Optional[Path]:
     """Find a file: absolute, relative to ``base_dir``, then under each assets root.
 

@@ -4,7 +4,8 @@
 - track: `edgecv track` end to end on a video (decode, preprocess, infer, decode, NMS, tracking) and its
   ratio to the model-only throughput measured with the same thread settings;
 - tracker: the tracker's time per frame on synthetic moving boxes;
-- driving: the driving pipeline of a config (default configs/driving.yaml: detector + segmenter) on its clip,
+- driving: the driving pipeline of a config (default: the built-in DRIVING_CONFIG, detector + segmenter on a
+  dash-cam clip of the assets, as configs/driving.yaml) on its clip,
   time per frame by stage, each stage run one after the other on one thread (capture/decode, preprocess,
   inference and postprocess per model, tracking + rules), then the threaded pipeline end to end.
 """
@@ -49,18 +50,33 @@ def _stat(values: list[float]) -> str:
     return f"{np.median(arr):7.2f} ms median, p90 {np.percentile(arr, 90):7.2f} ms"
 
 
+# `edgecv bench driving` without --config: the models and rules of configs/driving.yaml (the repository's
+# configs/ is not part of the installed package), files looked up in the assets.
+_CLASSES = ["person", "bicycle", "car", "motorcycle", "bus", "truck"]
+DRIVING_CONFIG: dict[str, Any] = {
+    "node_id": "bench",
+    "models": [{"name": "detector", "path": "models/yolox_nano.onnx", "family": "yolox", "conf": 0.3,
+                "classes": _CLASSES},
+               {"name": "lanes", "path": "models/twinlitenet.onnx", "family": "semseg"}],
+    "tracker": {"lost_buffer_s": 1.0},
+    "cameras": {"front": {"source": "media/driving/bdd_clip1.gif", "driving": {
+        "collision": {"ttc_s": 2.0, "window": 8, "min_frames": 4, "min_growth": 0.05, "cooldown_s": 3,
+                      "classes": _CLASSES},
+        "drivable_zone": {"enabled": True, "min_frames": 3, "classes": _CLASSES}}}},
+}
+
+
 def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) -> list[tuple[str, str]]:
     """Rows of the driving benchmark (see the module docstring)."""
-    from .config import ConfigError, load
+    from .config import ConfigError, load, parse
     from .models import load_models
     from .pipeline import CameraWorker, Pipeline, build_rules, tracker_config
     from .sources.capture import make_source
     from .tracking.bytetrack import ByteTracker
     from .types import Frame, SemanticMasks
 
-    path = Path(config) if config else Path(__file__).resolve().parent.parent / "configs" / "driving.yaml"
     try:
-        cfg = load(path)
+        cfg = load(config) if config else parse(DRIVING_CONFIG, "built-in driving config")
         if threads:
             update = {"models": [m.model_copy(update={"threads": threads}) for _, m in cfg.model_sections],
                       "model": None}
@@ -130,7 +146,7 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
     if not n_frames:
         raise EdgecvError(f"cameras.{cam_name}.source: no decodable frame in {location}")
     total = float(np.median(times["total"]))
-    rows = [("config", f"{path.name}: camera {cam_name}, {Path(location).name} {size[0]}x{size[1]}, "
+    rows = [("config", f"{Path(config).name if config else 'built-in driving config'}: camera {cam_name}, {Path(location).name} {size[0]}x{size[1]}, "
                        f"{n_frames} frames, {events} events"),
             ("models", ", ".join(f"{n} = {Path(str(m.backend.path)).name} ({m.family}, "
                                  f"{m.input_size[0]}x{m.input_size[1]}, {m.backend.name} {m.backend.device})"

@@ -67,6 +67,26 @@ def _varint_len(n: int) -> int:
     return length
 
 
+# An event is stored with these placeholders (`Event.to_payload(0.0)`); each send writes the time into the bytes
+# in their place, without parsing and re-serialising the whole payload.
+_UNSTAMPED = b'"published_at":0.0,"latency_ms":0.0'
+_CAPTURED_AT = re.compile(rb'"captured_at":(-?[0-9][0-9.eE+-]*)')
+
+
+def stamp_publish_time(payload: bytes, now: Optional[float] = None) -> bytes:
+    """The stored event ``payload`` with `published_at` (now) and `latency_ms` (now - captured_at) filled in."""
+    now = time.time() if now is None else now
+    captured = _CAPTURED_AT.search(payload)
+    if _UNSTAMPED in payload and captured is not None:
+        latency = round(max(0.0, (now - float(captured.group(1))) * 1000.0), 1)
+        stamp = f'"published_at":{json.dumps(round(now, 3))},"latency_ms":{json.dumps(latency)}'.encode()
+        return payload.replace(_UNSTAMPED, stamp, 1)
+    data = json.loads(payload)  # not in the stored form (written by hand into a spool): parse it
+    data["published_at"] = round(now, 3)
+    data["latency_ms"] = round(max(0.0, (now - data["captured_at"]) * 1000.0), 1)
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
 def packet_size(topic: str, payload_bytes: int, qos: int, v5: bool) -> int:
     """Bytes of the PUBLISH packet paho sends for this message (no properties): what a broker's maximum packet
     size limits, not only the payload."""
@@ -389,7 +409,7 @@ class MqttPublisher:
         try:
             self.spool.put(event.camera, event.id, topic, payload)
         except SpoolError as e:
-            direct = self._with_publish_time(payload).encode("utf-8")
+            direct = stamp_publish_time(payload)
             over = self._over_limit(topic, len(direct), self.cfg.qos)
             if over is not None:
                 with self._direct_lock:
@@ -508,16 +528,8 @@ class MqttPublisher:
             if self._direct:
                 self._direct = [info for info in self._direct if not self._done(info)]
 
-    @staticmethod
-    def _with_publish_time(payload: bytes) -> str:
-        now = time.time()
-        data = json.loads(payload)
-        data["published_at"] = round(now, 3)
-        data["latency_ms"] = round(max(0.0, (now - data["captured_at"]) * 1000.0), 1)
-        return json.dumps(data, separators=(",", ":"))
-
     def _send(self, item: SpoolItem) -> None:
-        payload = self._with_publish_time(item.payload).encode("utf-8")
+        payload = stamp_publish_time(item.payload)
         self._sent_upto = item.seq
         over = self._over_limit(item.topic, len(payload), self.cfg.qos)
         if over is not None:

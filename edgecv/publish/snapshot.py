@@ -128,7 +128,6 @@ class SnapshotPublisher:
         self._last: dict[str, float] = {}
         self.published = 0
         self.skipped = 0  # frames with events inside the rate limit
-        self.encode_ms = 0.0  # last draw + encode time
 
     def __call__(self, camera: str, frame: Frame, tracks: Detections, semantic: Optional[SemanticMasks],
                  events: Sequence[Event]) -> None:
@@ -139,10 +138,8 @@ class SnapshotPublisher:
             self.skipped += 1
             return
         self._last[camera] = now
-        t0 = time.perf_counter()
         image = render(frame.image, tracks, self.names, semantic, self.cameras.get(camera), events,
                        self.opts.draw_masks)
         data = encode_jpeg(image, self.opts.quality)
-        self.encode_ms = (time.perf_counter() - t0) * 1000
         self.publisher.publish_raw(self.publisher.topics.snapshot(camera), data)
         self.published += 1

@@ -7,7 +7,7 @@ frame is processed.
 
 Backend logs: each state change is logged once, in one line, with its reason. FFmpeg's own messages (one
 per damaged macroblock of a corrupt file, one per refused connection attempt) and OpenCV's warnings would
-bury those lines, so they are limited to fatal errors unless the environment sets them:
+bury those lines, so `quiet_native_logs()` (called at start-up) limits them to fatal errors unless the environment sets them:
 `OPENCV_FFMPEG_LOGLEVEL=16` (FFmpeg errors, e.g. an RTSP 401) or `OPENCV_LOG_LEVEL=WARNING` when diagnosing.
 """
 from __future__ import annotations
@@ -28,15 +28,18 @@ from ..types import Frame
 
 log = logging.getLogger("edgecv.source")
 
-# read by OpenCV when its FFmpeg backend is first used: set before any capture is opened
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "8")  # AV_LOG_FATAL
-if "OPENCV_LOG_LEVEL" not in os.environ:
-    try:
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    except AttributeError:  # an OpenCV build without the logging module
-        pass
 
-STATES = ("connecting", "streaming", "stalled", "stopped", "failed")
+
+def quiet_native_logs() -> None:
+    """Limit FFmpeg's and OpenCV's own messages to fatal errors (see the module docstring), unless the
+    environment sets their levels. Called once at start-up (`edgecv` commands), before any capture is opened:
+    OpenCV reads `OPENCV_FFMPEG_LOGLEVEL` when its FFmpeg backend is first used."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "8")  # AV_LOG_FATAL
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        try:
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        except AttributeError:  # an OpenCV build without the logging module
+            pass
 
 
 class FrameSlot:
