@@ -185,12 +185,13 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
     from .assets import resolve
+    from .engine.registry import calibration_detector
     from .engine.trt_build import build_engine
 
     model = resolve(args.model) or Path(args.model)
     result = build_engine(model, output=args.output, precision=args.precision, max_batch=args.max_batch,
                           workspace_mb=args.workspace_mb, calib_dir=args.calib_dir, calib_batch=args.calib_batch,
-                          family=args.family)
+                          family=args.family, adapter_factory=calibration_detector)
     print(result.path)
     return EXIT_OK
 
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks, printed as a table")
     b.add_argument("what", choices=["model", "track", "tracker", "trackers", "all", "soak", "driving"])
     b.add_argument("config", nargs="?", help="soak: the daemon config to run (file cameras are looped); "
-                   "driving: its config (default configs/driving.yaml); trackers: a config to run instead of --model")
+                   "driving: its config (default: built in, the models and rules of configs/driving.yaml); trackers: a config to run instead of --model")
     b.add_argument("--model", default="models/yolox_nano.onnx")
     b.add_argument("--video", default="media/vtest.avi")
     b.add_argument("--threads", type=int, default=None)
@@ -307,10 +308,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = build_parser().parse_args(argv)
     from .daemon import setup_logging
+    from .sources.base import quiet_native_logs
 
     # every command logs in one format, warnings (NumPy's RuntimeWarning, EdgecvWarning) included, one line
     # each: no raw, multi-line stderr; `run` sets the config's level once the config is read
     setup_logging("warning")
+    quiet_native_logs()  # FFmpeg's and OpenCV's own messages: fatal only, before any capture opens
     try:
         return int(args.func(args) or 0)
     except UsageError as e:

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from .types import DETECTOR_FAMILIES, SEGMENTER_FAMILIES  # the one list of families; the engine maps them
 
 from . import assets
 from .types import ANCHORS
@@ -316,14 +318,27 @@ class MqttConfig(_Model):
         return v
 
 
-DETECTOR_FAMILIES = ("yolox", "yolov8", "yolov8-seg")
-SEGMENTER_FAMILIES = ("semseg",)
+class TensorRTBuild(_Model):
+    """How an engine is built from the ONNX model the first time (`backend: tensorrt`, or auto on a GPU). The
+    environment variables EDGECV_TRT_PRECISION, EDGECV_TRT_MAX_BATCH and EDGECV_TRT_CALIB_DIR override these."""
+
+    precision: Literal["fp16", "fp32", "int8"] = Field("fp16", description="Engine precision; int8 needs calib_dir")
+    max_batch: int = Field(4, ge=1, le=64, description="Largest batch (frames of several cameras at once) for a "
+                           "model with a dynamic batch dimension; a fixed batch wins")
+    calib_dir: Optional[str] = Field(None, description="INT8: a folder of images like the ones the camera sees")
+    workspace_mb: int = Field(1024, ge=16, le=1 << 20, description="Builder workspace in MB")
+
+    @model_validator(mode="after")
+    def _int8(self) -> "TensorRTBuild":
+        if self.precision == "int8" and not self.calib_dir:
+            raise ValueError("precision int8 needs calib_dir (a folder of images for calibration)")
+        return self
 
 
 class ModelConfig(_Model):
     name: Optional[str] = Field(None, pattern=NAME_RE, description="Name in stats and messages (default: file name without extension)")
     path: str = Field(description="ONNX model (or TensorRT engine); relative paths also searched in EDGECV_ASSETS")
-    family: Literal["auto", "yolox", "yolov8", "yolov8-seg", "semseg"] = Field(
+    family: Literal[("auto", *DETECTOR_FAMILIES, *SEGMENTER_FAMILIES)] = Field(  # type: ignore[valid-type]
         "auto", description="Output decoder: detectors yolox, yolov8, yolov8-seg (instance masks); semseg: "
         "semantic masks (TwinLiteNet); auto: from the model")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field("auto", description="Inference runtime")
@@ -332,6 +347,7 @@ class ModelConfig(_Model):
     classes: Optional[list[str]] = Field(None, min_length=1, description="Keep only these labels")
     labels: Optional[str] = Field(None, description="Labels file, one name per line (overrides the model's names)")
     threads: Optional[int] = Field(None, ge=1, le=256, description="CPU inference threads (default: runtime's choice)")
+    tensorrt: TensorRTBuild = Field(TensorRTBuild(), description="TensorRT engine build options")
 
 
     @property
@@ -393,6 +409,8 @@ class Config(_Model):
     cameras: dict[str, CameraConfig] = Field(min_length=1)
     # where the file was loaded from (for resolving relative paths); not a YAML key
     base_dir: Optional[str] = Field(None, exclude=True)
+    # the key the models were written under ("model": one section, normalised into `models`), for messages
+    _models_key: str = PrivateAttr("models")
 
     @field_validator("cameras")
     @classmethod
@@ -413,6 +431,10 @@ class Config(_Model):
             raise ValueError("model: required field is missing (or give `models`, a list of model sections)")
         if self.model is not None and self.models is not None:
             raise ValueError("models: give either `model` or `models`, not both")
+        if self.model is not None:  # one internal shape: `model: {...}` is a one-item `models` list
+            object.__setattr__(self, "models", [self.model])  # frozen model, still being validated
+            object.__setattr__(self, "model", None)
+            self._models_key = "model"
         seen: dict[str, str] = {}
         detectors: list[str] = []
         for path, m in self.model_sections:
@@ -430,10 +452,11 @@ class Config(_Model):
 
     @property
     def model_sections(self) -> list[tuple[str, ModelConfig]]:
-        """(field path, section) of every model: [("model", m)] or [("models[0]", m0), ("models[1]", m1), ...]."""
-        if self.models is not None:
-            return [(f"models[{i}]", m) for i, m in enumerate(self.models)]
-        return [("model", self.model)] if self.model is not None else []
+        """(field path as written, section) of every model: [("model", m)] when the file has `model:`, else
+        [("models[0]", m0), ("models[1]", m1), ...]."""
+        if self._models_key == "model":
+            return [("model", m) for m in self.models or []]
+        return [(f"models[{i}]", m) for i, m in enumerate(self.models or [])]
 
 
 # ----------------------------------------------------------------------------------------------

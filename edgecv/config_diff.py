@@ -88,9 +88,7 @@ def applied(old: Config, new: Config, change: ConfigDiff) -> Config:
         if name in cameras:
             cameras[name] = cameras[name].model_copy(update={k: getattr(cam, k) for k in RULE_KEYS})
     update: dict = {"tracker": new.tracker, "cameras": cameras}
-    if change.detector == "model":
-        update["model"] = new.model
-    elif change.detector is not None and old.models is not None and new.models is not None:
+    if change.detector is not None:
         live = dict(new.model_sections)[change.detector]
         update["models"] = [live if key == change.detector else m for key, m in old.model_sections]
     return old.model_copy(update=update)

@@ -130,11 +130,14 @@ def _build(cfg: Config, key: str, m: ModelConfig) -> Built:
     if model_path is None:
         raise ConfigError([f"{key}.path: file not found: {m.path}"])
     labels = resolve_path(cfg, m.labels) if m.labels else None
+    build = m.tensorrt.model_dump()  # used only when the backend is TensorRT (the environment overrides it)
+    if build["calib_dir"] and cfg.base_dir and not Path(build["calib_dir"]).is_absolute():
+        build["calib_dir"] = str(Path(cfg.base_dir) / build["calib_dir"])  # relative to the config file
     try:
         adapter = build_detector(model_path, family=m.family, backend=m.backend, conf=m.conf, iou=m.iou,
-                                 classes=None, labels=labels, threads=m.threads)
+                                 classes=None, labels=labels, threads=m.threads, build=build)
     except EdgecvError as e:  # a model that cannot be used is a problem of the config that names it
-        raise ConfigError([f"{key}: {e}" if cfg.models is not None else f"{key}.path: {e}"]) from None
+        raise ConfigError([f"{key}.path: {e}"]) from None
     return key, m, adapter
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
+import numpy as np
 import yaml
 
 from . import EdgecvError, UsageError
 from .config import Config, ConfigError, parse
-from .evaluation.mot import format_rows
 from .models import ModelSet, load_models
 from .pipeline import EventSink, Pipeline
 from .types import Detections, Frame
@@ -50,6 +50,12 @@ class OfflineRun:
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def format_rows(frame: int, ids: Iterable[int], xyxy: np.ndarray, scores: Iterable[float]) -> list[str]:
+    """MOT result rows ``frame,id,x,y,w,h,score,-1,-1,-1`` for the boxes of one frame."""
+    return [f"{frame},{tid},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{score:.4f},-1,-1,-1\n"
+            for (x1, y1, x2, y2), tid, score in zip(np.asarray(xyxy).tolist(), ids, scores)]
 
 
 class MotWriter:
@@ -126,9 +132,10 @@ def with_tracker(cfg: Config, overrides: Sequence[str]) -> Config:
             raise UsageError(f"--tracker: {key.strip()}: cannot read the value {value!r}") from None
     data = {**cfg.model_dump(), "tracker": tracker}
     try:
-        return parse(data, source="command line", base_dir=Path(cfg.base_dir) if cfg.base_dir else None)
+        checked = parse(data, source="command line", base_dir=Path(cfg.base_dir) if cfg.base_dir else None)
     except ConfigError as e:
         raise UsageError("; ".join(f"--tracker: {p}" for p in e.problems)) from None
+    return cfg.model_copy(update={"tracker": checked.tracker})
 
 
 def load_offline_models(cfg: Config, cli: bool = False) -> ModelSet:

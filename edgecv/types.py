@@ -16,6 +16,10 @@ import numpy as np
 EVENT_SCHEMA = "edgecv.event/1"
 
 
+# Model families by kind: the config accepts these names, engine.registry maps each to its adapter class.
+DETECTOR_FAMILIES: tuple[str, ...] = ("yolox", "yolov8", "yolov8-seg")  # boxes (tracked)
+SEGMENTER_FAMILIES: tuple[str, ...] = ("semseg",)  # per-pixel masks
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One decoded frame of one camera."""

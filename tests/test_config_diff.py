@@ -92,7 +92,7 @@ def test_detector_thresholds_apply_live(key, value):
     old, new = edit(), edit(**{f"model__{key}": value})
     change = diff(old, new, "yolox_nano")
     assert change.detector == "model" and change.restart == () and change.live == ["model thresholds"]
-    assert getattr(applied(old, new, change).model, key) == value
+    assert getattr(applied(old, new, change).models[0], key) == value
 
 
 @pytest.mark.parametrize("key,value", [("path", "yolov8n_int8.onnx"), ("backend", "onnxruntime"), ("threads", 2),
@@ -101,7 +101,7 @@ def test_other_model_settings_need_a_restart(key, value):
     old, new = edit(), edit(**{f"model__{key}": value})
     change = diff(old, new, "yolox_nano")
     assert change.restart == ("models",) and change.detector is None and change.models_changed
-    assert applied(old, new, change).model == old.model
+    assert applied(old, new, change).models == old.models
 
 
 def test_only_the_detectors_thresholds_are_live_among_several_models():
@@ -148,7 +148,7 @@ def test_a_retuned_detector_decodes_with_the_new_thresholds_and_leaves_the_share
     prepared = models.prepare(Frame(camera="c", index=1, t_mono=0.0, t_wall=0.0, image=image))
     outputs = [models.infer(0, [prepared])[0]]
     before, _ = models.decode(prepared, outputs)
-    strict = retuned(detector, cfg(BASE, **{"model.conf": 0.7, "model.classes": ["person"]}).model)
+    strict = retuned(detector, cfg(BASE, **{"model.conf": 0.7, "model.classes": ["person"]}).models[0])
     after, _ = models.decode(prepared, outputs, strict)
     assert len(before) > len(after) > 0
     assert after.score.min() >= 0.7 and set(after.class_id.tolist()) == {0}

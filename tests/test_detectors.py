@@ -98,3 +98,11 @@ def test_batched_and_single_detection_agree(
     for image, batched in zip(frames.values(), people["yolox"]):
         (single,) = detector.detect([image])
         np.testing.assert_allclose(single.xyxy, batched.xyxy, atol=1e-3)
+
+
+def test_every_family_a_config_accepts_has_an_adapter_of_its_kind():
+    from edgecv.engine.registry import FAMILIES
+    from edgecv.types import DETECTOR_FAMILIES, SEGMENTER_FAMILIES
+
+    assert sorted(n for n, cls in FAMILIES.items() if cls.kind == "detector") == sorted(DETECTOR_FAMILIES)
+    assert sorted(n for n, cls in FAMILIES.items() if cls.kind == "segmenter") == sorted(SEGMENTER_FAMILIES)

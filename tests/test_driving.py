@@ -13,7 +13,7 @@ import jsonschema
 import numpy as np
 import pytest
 import yaml
-from conftest import edgecv_env
+from conftest import REPO, edgecv_env
 
 from edgecv.analytics.driving import CollisionRule, MaskZoneRule, box_scale, fit_ttc, mask_share_below
 from edgecv.analytics.rules import FrameContext, ObjectRule, Removed
@@ -357,5 +357,19 @@ def test_check_cli_names_the_model_field(assets: Path, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(bad_family))
     proc = subprocess.run([sys.executable, "-m", "edgecv.cli", "check", str(path)], capture_output=True, text=True,
                           env=edgecv_env(assets, tmp_path), timeout=60)
-    assert proc.returncode == 2 and proc.stderr.startswith("models[1]: model "), proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("models[1].path: model "), proc.stderr
     assert "family 'yolov8' expects" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_bench_driving_default_is_the_example_config(assets):
+    """`edgecv bench driving` without --config runs what configs/driving.yaml describes (the installed package
+    has no configs/ folder, so the default is built in)."""
+    from edgecv.bench import DRIVING_CONFIG
+    from edgecv.config import load, parse
+
+    example = load(REPO / "configs" / "driving.yaml")
+    built_in = parse(DRIVING_CONFIG, "built-in")
+    assert built_in.models == example.models and built_in.tracker == example.tracker
+    assert list(built_in.cameras) == list(example.cameras)
+    for name, cam in built_in.cameras.items():
+        assert (cam.source, cam.driving) == (example.cameras[name].source, example.cameras[name].driving)

@@ -14,9 +14,11 @@ Tolerance against OpenCV (0-255 units): max |diff| <= 1 (OpenCV resizes in fixed
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from edgecv.engine.gpu_preprocess import (
     detector_style,
     kernel_params,
     letterbox_geometry,
+    put_nvcc_on_path,
     reference_kernel,
     reference_preprocess,
 )
@@ -187,6 +190,25 @@ def test_kernel_source_compiles_without_fused_multiply_adds(tmp_path: Path) -> N
     assert "mul.rn.f32" in ptx and "add.rn.f32" in ptx
 
 
+def test_nvcc_goes_on_path_only_when_asked_and_only_once(tmp_path: Path) -> None:
+    cuda_bin, elsewhere = tmp_path / "cuda" / "bin", tmp_path / "bin"
+    cuda_bin.mkdir(parents=True)
+    elsewhere.mkdir()
+    env = {"PATH": str(elsewhere)}
+    assert put_nvcc_on_path(env, str(cuda_bin)) is False and env == {"PATH": str(elsewhere)}  # no nvcc there
+    nvcc = cuda_bin / "nvcc"
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    assert put_nvcc_on_path(env, str(cuda_bin)) is True
+    assert env == {"PATH": str(elsewhere) + os.pathsep + str(cuda_bin)}
+    assert put_nvcc_on_path(env, str(cuda_bin)) is False and env["PATH"].count(str(cuda_bin)) == 1
+    # importing the module changes nothing: PATH is only touched by that call
+    code = "import os, edgecv.engine.gpu_preprocess, edgecv.engine; print(os.environ['PATH'])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PATH": str(elsewhere)})
+    assert result.returncode == 0 and result.stdout.strip() == str(elsewhere), result.stderr
+
+
 # -- GpuPreprocessor and infer_images with a fake CUDA whose kernel is the reference -------------
 
 
@@ -223,6 +245,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Any:
     cuda = FakeCuda()
     kernel = ReferenceKernel(cuda.memory)
     monkeypatch.setattr(gp, "compile_kernel", lambda: kernel)
+    monkeypatch.setattr(gp, "put_nvcc_on_path", lambda: False)  # leave this process's PATH alone
     return cuda, kernel
 
 
@@ -270,7 +293,7 @@ def test_infer_images_runs_the_engine_on_gpu_preprocessed_frames(fake_gpu: Any, 
 
 
 def pycuda_ready() -> str:
-    from edgecv.engine.tensorrt import cuda_device_name, import_pycuda
+    from edgecv.engine.trt_env import cuda_device_name, import_pycuda
 
     try:
         cuda_device_name(import_pycuda())

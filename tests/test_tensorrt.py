@@ -56,16 +56,12 @@ from edgecv.engine.tensorrt import (
     TensorSpec,
     check_input_shape,
     choose_backend,
-    cuda_device_name,
     deserialize_error,
     engine_api,
-    import_pycuda,
-    import_tensorrt,
     io_table,
     numpy_dtype,
     probe,
     rebuild_command,
-    trt_dtype_name,
 )
 from edgecv.engine.trt_build import (
     BuildProgress,
@@ -78,6 +74,7 @@ from edgecv.engine.trt_build import (
     onnx_input_shape,
     plan_profile,
 )
+from edgecv.engine.trt_env import cuda_device_name, import_pycuda, import_tensorrt, trt_dtype_name
 
 YOLOX = ASSETS / "models" / "yolox_nano.onnx"
 YOLOV8 = ASSETS / "models" / "yolov8n_int8.onnx"
@@ -1314,6 +1311,7 @@ class _Beat:
 
 def test_build_engine_int8_calibrates_through_the_adapter_and_reuses_the_cache(fake_trt: Any, tmp_path: Path,
                                                                                yolox: Any) -> None:  # fmt: skip
+    from edgecv.engine.registry import calibration_detector
     from edgecv.engine.trt_build import build_engine
 
     _, seen, _ = fake_trt()
@@ -1324,7 +1322,8 @@ def test_build_engine_int8_calibrates_through_the_adapter_and_reuses_the_cache(f
         (calib / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "engines" / "yolox-int8.engine"
     lines: list[str] = []
-    build_engine(YOLOX, output=out, precision="int8", calib_dir=calib, write=lines.append)
+    build_engine(YOLOX, output=out, precision="int8", calib_dir=calib, write=lines.append,
+                 adapter_factory=calibration_detector)
     record = seen.builds[0]
     assert record["precision"] == ["FP16", "INT8"] and record["cache_read"] is None
     assert len(record["batches"]) == 3 and all(b.shape == (1, 3, 416, 416) for b in record["batches"])  # fixed batch 1
@@ -1354,6 +1353,9 @@ def test_build_engine_errors(fake_trt: Any, tmp_path: Path) -> None:
     with pytest.raises(EdgecvError) as excinfo:
         build_engine(model, precision="int8", write=lambda line: None)
     one_line(excinfo, "precision int8: expected --calib-dir with images like the model will see", "got neither")
+    with pytest.raises(EdgecvError) as excinfo:  # calibrating on images needs the caller's adapter factory
+        build_engine(model, precision="int8", calib_dir=BDD, write=lambda line: None)
+    one_line(excinfo, "INT8 calibration preprocesses images with the model's adapter: expected an adapter_factory")
     for kwargs, expected in [({"precision": "fp8"}, "precision: expected one of fp32, fp16, int8, got 'fp8'"),
                              ({"workspace_mb": 0}, "workspace: expected a positive number of MB, got 0"),
                              ({"max_batch": 0}, "max batch: expected a positive number, got 0")]:  # fmt: skip
@@ -1385,6 +1387,7 @@ def test_auto_backend_builds_once_then_uses_the_cache(fake_trt: Any, tmp_path: P
 
     _, seen, _ = fake_trt()
     monkeypatch.setattr(gp, "compile_kernel", lambda: (_ for _ in ()).throw(EdgecvError("no nvcc here")))
+    monkeypatch.setattr(gp, "put_nvcc_on_path", lambda: False)  # leave this process's PATH alone
     model = tmp_path / "yolox_nano.onnx"
     model.write_bytes(YOLOX.read_bytes())
     with caplog.at_level(logging.INFO, logger="edgecv.engine"):
@@ -1406,6 +1409,74 @@ def test_auto_backend_builds_once_then_uses_the_cache(fake_trt: Any, tmp_path: P
     assert len(got) >= 3
     np.testing.assert_allclose(got.xyxy, cpu.xyxy, atol=1e-3)
     assert second.names == cpu_detector.names
+
+
+def test_int8_callers_give_the_builder_the_calibration_adapter(fake_trt: Any, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The builder knows no model families: the CLI and the registry pass calibration_detector."""
+    import edgecv.engine.gpu_preprocess as gp
+    from edgecv.cli import main
+    from edgecv.engine import build_detector
+
+    _, seen, _ = fake_trt()
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for p in list_images(BDD)[:2]:
+        (calib / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out" / "yolox-int8.engine"
+    assert main(["build-engine", str(YOLOX), "--precision", "int8", "--calib-dir", str(calib), "--output", str(out)]) == 0
+    assert seen.builds[0]["precision"] == ["FP16", "INT8"] and len(seen.builds[0]["batches"]) == 2
+    # backend auto, int8 from the environment: the registry's automatic build calibrates the same way
+    monkeypatch.setenv("EDGECV_TRT_PRECISION", "int8")
+    monkeypatch.setenv("EDGECV_TRT_CALIB_DIR", str(calib))
+    monkeypatch.setattr(gp, "compile_kernel", lambda: (_ for _ in ()).throw(EdgecvError("no nvcc here")))
+    monkeypatch.setattr(gp, "put_nvcc_on_path", lambda: False)
+    model = tmp_path / "yolox_nano.onnx"
+    model.write_bytes(YOLOX.read_bytes())
+    detector = build_detector(model, conf=0.3)
+    assert detector.backend.name == "tensorrt" and "-int8-" in detector.backend.path.name
+    assert seen.builds[1]["precision"] == ["FP16", "INT8"] and len(seen.builds[1]["batches"]) == 2
+
+
+def test_the_configs_tensorrt_section_builds_the_engine_and_the_environment_overrides_it(
+        fake_trt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """`model.tensorrt` reaches the automatic build; EDGECV_TRT_* win over it."""
+    import edgecv.engine.gpu_preprocess as gp
+    from edgecv.config import parse
+    from edgecv.models import load_models
+
+    _, seen, _ = fake_trt()
+    monkeypatch.setattr(gp, "compile_kernel", lambda: (_ for _ in ()).throw(EdgecvError("no nvcc here")))
+    monkeypatch.setattr(gp, "put_nvcc_on_path", lambda: False)
+    model = tmp_path / "yolox_nano.onnx"
+    model.write_bytes(YOLOX.read_bytes())
+    data = {"node_id": "n", "cameras": {"c": {"source": str(VTEST)}},
+            "model": {"path": str(model), "backend": "tensorrt", "tensorrt": {"precision": "fp32"}}}
+    detector = load_models(parse(data)).detector
+    assert detector.backend.name == "tensorrt" and "-fp32-" in detector.backend.path.name
+    assert seen.builds[0]["precision"] == []
+    monkeypatch.setenv("EDGECV_TRT_PRECISION", "fp16")
+    detector = load_models(parse(data)).detector
+    assert "-fp16-" in detector.backend.path.name and seen.builds[1]["precision"] == ["FP16"]
+    with pytest.raises(Exception) as excinfo:  # the section is checked like the rest of the config
+        parse({**data, "model": {**data["model"], "tensorrt": {"precision": "int8"}}})
+    assert "model.tensorrt: " in str(excinfo.value) and "needs calib_dir" in str(excinfo.value)
+
+
+def test_calibration_detector_is_the_models_adapter(tmp_path: Path) -> None:
+    from edgecv.engine.registry import calibration_detector
+
+    assert isinstance(calibration_detector(YOLOX), YoloxDetector)
+    assert isinstance(calibration_detector(YOLOV8, "yolov8"), Yolov8Detector)  # an explicit family is taken...
+    with pytest.raises(EdgecvError) as excinfo:  # ...and checked against the model
+        calibration_detector(YOLOX, "yolov8")
+    one_line(excinfo, "family 'yolov8' expects output (1, 4+C, N), got (1, 3549, 85)")
+    with pytest.raises(EdgecvError) as excinfo:
+        calibration_detector(YOLOX, "nope")
+    one_line(excinfo, "family: expected one of auto, yolox, yolov8", "got 'nope'")
+    with pytest.raises(EdgecvError) as excinfo:
+        calibration_detector(tmp_path / "missing.onnx")
+    one_line(excinfo, "INT8 calibration preprocesses images with the model's adapter: ")
 
 
 # == choosing the backend ====================================================================
@@ -1598,10 +1669,12 @@ def test_real_yolox_fp16_matches_onnxruntime(engine_cache: Path) -> None:
 @needs_trt
 @pytest.mark.gpu
 def test_real_int8_build_with_calibration_cache(tmp_path: Path, engine_cache: Path) -> None:
+    from edgecv.engine.registry import calibration_detector
     from edgecv.engine.trt_build import build_engine
 
     out = tmp_path / "yolox_int8.engine"
-    result = build_engine(YOLOX, output=out, precision="int8", calib_dir=BDD, write=lambda line: None)
+    result = build_engine(YOLOX, output=out, precision="int8", calib_dir=BDD, write=lambda line: None,
+                          adapter_factory=calibration_detector)
     assert result.path == out and calibration_cache_path(out).is_file()
     assert json.loads(sidecar_path(out).read_text())["calibration"]["images"] == len(list_images(BDD))
     assert TensorRTBackend(out).infer(np.zeros((1, 3, 416, 416), np.float32))[0].shape == (1, 3549, 85)

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -214,8 +215,13 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def _fields(buf: bytes):
-    """Yield (field number, wire type, value) of one protobuf message; value is bytes for wire type 2."""
+def protobuf_fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:
+    """Yield (field number, wire type, value) of one protobuf message; value is bytes for wire type 2.
+
+    Value: an int for wire type 0 (varint), bytes otherwise (8 for type 1, 4 for type 5). A
+    truncated or malformed message raises :class:`ValueError`. Also used to read an ONNX
+    model's input shape (:func:`edgecv.engine.trt_build.onnx_input_shape`).
+    """
     pos = 0
     while pos < len(buf):
         tag, pos = _varint(buf, pos)
@@ -248,11 +254,11 @@ def onnx_metadata(path: PathLike) -> dict[str, str]:
         raise EdgecvError(f"model {p}: cannot read the ONNX file: {exc.strerror or exc}") from exc
     meta: dict[str, str] = {}
     try:
-        for number, wire, value in _fields(data):
+        for number, wire, value in protobuf_fields(data):
             if number != _MODEL_METADATA_FIELD or wire != 2:
                 continue
             key = val = ""
-            for sub_number, sub_wire, sub_value in _fields(value):
+            for sub_number, sub_wire, sub_value in protobuf_fields(value):
                 if sub_wire == 2 and sub_number == 1:
                     key = sub_value.decode("utf-8", "replace")
                 elif sub_wire == 2 and sub_number == 2:

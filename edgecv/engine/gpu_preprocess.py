@@ -32,7 +32,10 @@ The kernel source is the module constant :data:`KERNEL_SOURCE` (plain CUDA C wit
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -40,6 +43,7 @@ import numpy as np
 
 from edgecv import EdgecvError
 from edgecv.engine.ops import PAD_VALUE, Letterbox
+from edgecv.engine.trt_env import first_line, import_pycuda
 
 log = logging.getLogger("edgecv.engine")
 
@@ -252,12 +256,11 @@ class GpuPreprocessor:
         cuda: Any = None,
     ) -> None:
         if cuda is None:
-            from edgecv.engine.tensorrt import import_pycuda
-
             cuda = import_pycuda()
         self._cuda = cuda
         self.size = (int(size[0]), int(size[1]))
         self.center, self.rgb, self.scale, self.pad_value = bool(center), bool(rgb), float(scale), float(pad_value)
+        put_nvcc_on_path()  # pycuda compiles the kernel with the nvcc it finds on PATH
         self._kernel = compile_kernel()
         self.stream = stream if stream is not None else cuda.Stream()
         self._slots: dict[int, _Staging] = {}
@@ -327,15 +330,31 @@ _compiled: dict[int, Any] = {}
 _modules: dict[int, Any] = {}
 
 
+CUDA_BIN = "/usr/local/cuda/bin"
+"""Where JetPack and the CUDA installers put ``nvcc`` (often not on PATH)."""
+
+
+def put_nvcc_on_path(environ: Optional[MutableMapping[str, str]] = None, cuda_bin: str = CUDA_BIN) -> bool:
+    """Append ``cuda_bin`` to ``PATH`` when ``nvcc`` is not on it but is there; True when PATH changed.
+
+    pycuda compiles with the ``nvcc`` it finds on PATH. This changes the process environment
+    (``environ``: default :data:`os.environ`), so it is called explicitly, once before the
+    kernel is compiled (:class:`GpuPreprocessor`), never at import.
+    """
+    env = os.environ if environ is None else environ
+    nvcc = os.path.join(cuda_bin, "nvcc")
+    if shutil.which("nvcc", path=env.get("PATH", os.defpath)) is not None or not os.path.exists(nvcc):
+        return False
+    env["PATH"] = env.get("PATH", "") + os.pathsep + cuda_bin
+    return True
+
+
 def compile_kernel() -> Any:
     """Compile :data:`KERNEL_SOURCE` with pycuda (once per CUDA context); the kernel function.
 
-    pycuda compiles with ``nvcc``; when it is not on PATH, /usr/local/cuda/bin (where
-    JetPack and the CUDA installers put it) is tried.
+    pycuda compiles with ``nvcc`` from PATH (see :func:`put_nvcc_on_path`, which the caller
+    runs first).
     """
-    import os
-    import shutil
-
     from pycuda import driver as cuda  # noqa: F401  (the caller made sure it imports)
     from pycuda.compiler import SourceModule
 
@@ -343,13 +362,12 @@ def compile_kernel() -> Any:
     key = int(getattr(context, "handle", id(context))) if context is not None else 0
     if key in _compiled:
         return _compiled[key]
-    if shutil.which("nvcc") is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
-        os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + "/usr/local/cuda/bin"
     try:
         module = SourceModule(KERNEL_SOURCE, no_extern_c=True, options=["-O3"])
     except Exception as exc:  # pycuda.driver.CompileError, or nvcc missing (OSError)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EdgecvError(f"GPU preprocessing: cannot compile the letterbox kernel (needs nvcc): {first}") from exc
+        raise EdgecvError(
+            f"GPU preprocessing: cannot compile the letterbox kernel (needs nvcc): {first_line(exc)}"
+        ) from exc
     function = module.get_function(KERNEL_NAME)
     _compiled[key] = function
     _modules[key] = module  # the function is only valid while its module is loaded

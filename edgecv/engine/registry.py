@@ -1,4 +1,8 @@
-"""From config names to a ready detector: backends, families, labels."""
+"""From config names to a ready detector: backends, families, labels.
+
+The top of :mod:`edgecv.engine`: it knows the model families (adapters) and the backends,
+and hands the TensorRT builder what it needs from the families (:func:`calibration_detector`).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,25 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from edgecv import EdgecvError
 from edgecv.assets import resolve
 from edgecv.engine.adapters import Detector, Yolov8Detector, YoloxDetector, model_input_size, model_output_shape
 from edgecv.engine.backend import Backend, OnnxRuntimeBackend, format_shape
 from edgecv.engine.segmentation import SemanticSegmenter, Yolov8SegDetector, model_output_shapes
+from edgecv.engine.tensorrt import choose_backend, open_tensorrt  # tensorrt/pycuda are imported only when used
 
 Adapter = Union[Detector, SemanticSegmenter]
 """A loaded model: a detector (``kind == "detector"``, boxes that get tracked) or a segmenter."""
 
+# the adapter of each family that edgecv.types names (DETECTOR_FAMILIES, SEGMENTER_FAMILIES: what configs accept)
 FAMILIES: dict[str, type] = {
     YoloxDetector.family: YoloxDetector,
     Yolov8Detector.family: Yolov8Detector,
     Yolov8SegDetector.family: Yolov8SegDetector,
     SemanticSegmenter.family: SemanticSegmenter,
 }
-DETECTOR_FAMILIES: tuple[str, ...] = tuple(name for name, cls in FAMILIES.items() if cls.kind == "detector")
-SEGMENTER_FAMILIES: tuple[str, ...] = tuple(name for name, cls in FAMILIES.items() if cls.kind == "segmenter")
 ULTRALYTICS_TASKS: dict[str, str] = {"detect": Yolov8Detector.family, "segment": Yolov8SegDetector.family}
 BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "tensorrt")
 
@@ -74,6 +78,21 @@ def infer_family(backend: Backend) -> str:
     )
 
 
+def calibration_detector(onnx: PathLike, family: str = "auto") -> Adapter:
+    """The model adapter whose ``preprocess`` INT8 calibration uses (model loaded with ONNX Runtime on the CPU).
+
+    The ``adapter_factory`` that :func:`edgecv.engine.trt_build.build_engine` takes.
+    """
+    try:
+        backend = OnnxRuntimeBackend(onnx, threads=1, providers=["CPUExecutionProvider"])
+    except EdgecvError as exc:
+        raise EdgecvError(f"INT8 calibration preprocesses images with the model's adapter: {exc}") from exc
+    chosen = infer_family(backend) if family == "auto" else family
+    if chosen not in FAMILIES:
+        raise EdgecvError(f"family: expected one of auto, {', '.join(FAMILIES)}, got {family!r}")
+    return FAMILIES[chosen](backend)
+
+
 def load_labels(path: PathLike) -> list[str]:
     """Class names from a text file, one per line (index = class id); trailing blank lines ignored."""
     p = Path(path)
@@ -90,17 +109,17 @@ def load_labels(path: PathLike) -> list[str]:
     return lines
 
 
-def open_backend(path: PathLike, backend: str = "auto", threads: Optional[int] = None) -> Backend:
-    """Load a model with the named backend; a bare name is also looked up in the assets folders."""
+def open_backend(path: PathLike, backend: str = "auto", threads: Optional[int] = None,
+                 build: Optional[dict[str, Any]] = None) -> Backend:
+    """Load a model with the named backend; a bare name is also looked up in the assets folders. ``build``:
+    TensorRT engine build options (the model's `tensorrt:` section; see ``trt_build.ensure_engine``)."""
     if backend not in BACKENDS:
         raise EdgecvError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    from edgecv.engine.tensorrt import choose_backend, open_tensorrt  # imports tensorrt/pycuda only to probe
-
     model = resolve(path) or Path(path)
     chosen, reason = choose_backend(backend, model)
     logging.getLogger("edgecv.engine").info("backend %s for %s (%s)", chosen, Path(model).name, reason)
     if chosen == "tensorrt":
-        return open_tensorrt(model)
+        return open_tensorrt(model, adapter_factory=calibration_detector, **(build or {}))
     return OnnxRuntimeBackend(model, threads=threads)
 
 
@@ -114,13 +133,14 @@ def build_detector(
     labels: Optional[Union[PathLike, Sequence[str]]] = None,
     threads: Optional[int] = None,
     max_det: int = 300,
+    build: Optional[dict[str, Any]] = None,
 ) -> Adapter:
     """Load a model and wrap it in its family's adapter (a detector, or a segmenter for ``semseg``).
 
     ``family``: "auto" (see :func:`infer_family`) or a key of :data:`FAMILIES`; an explicit
     family is checked against the model's output. ``labels``: a labels file (one name per
     line) or a list of names; it wins over the model's own names. ``threads``: ONNX Runtime
-    intra-op threads (None: its default).
+    intra-op threads (None: its default). ``build``: TensorRT engine build options (see :func:`open_backend`).
     """
     if family != "auto" and family not in FAMILIES:
         raise EdgecvError(f"family: expected one of auto, {', '.join(FAMILIES)}, got {family!r}")
@@ -128,7 +148,7 @@ def build_detector(
         names = None if labels is None else load_labels(labels)
     else:
         names = list(labels)
-    engine = open_backend(path, backend, threads)
+    engine = open_backend(path, backend, threads, build)
     chosen = infer_family(engine) if family == "auto" else family
     adapter = FAMILIES[chosen](engine, conf=conf, iou=iou, classes=classes, names=names, max_det=max_det)
     if engine.name == "tensorrt":

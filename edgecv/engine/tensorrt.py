@@ -17,7 +17,8 @@ profile 0; a dynamic batch sets the input shape on each call whose batch differs
 the previous one.
 
 ``import tensorrt`` and ``import pycuda`` happen only when a backend is made or the
-machine is probed, so :mod:`edgecv` imports without them. The logic that does not need
+machine is probed (through :mod:`edgecv.engine.trt_env`), so :mod:`edgecv` imports without
+them. The logic that does not need
 a GPU (dtype mapping, the I/O tensor table, shape checks, error texts, the choice of
 backend) is in plain functions that work on anything with the TensorRT engine API; the
 tests drive them, and :class:`TensorRTBackend` itself, with fake engine objects.
@@ -38,65 +39,25 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from edgecv import EdgecvError
+from edgecv.engine.adapters import Detector
 from edgecv.engine.backend import Backend, format_shape
 from edgecv.engine.cache import ENGINE_SUFFIXES, onnx_metadata, read_sidecar
+from edgecv.engine.gpu_preprocess import GpuPreprocessor
+from edgecv.engine.trt_build import ensure_engine
+from edgecv.engine.trt_env import (
+    Importer,
+    cuda_device_name,
+    first_line,
+    import_pycuda,
+    import_tensorrt,
+    make_logger,
+    trt_dtype_name,
+)
 
 log = logging.getLogger("edgecv.engine")
 
-INSTALL_HINT = "pip install 'edgecv[tensorrt]'"
-Importer = Callable[[str], Any]
 
-
-# -- imports and the machine ----------------------------------------------------------------
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def import_tensorrt(importer: Importer = importlib.import_module) -> Any:
-    """The ``tensorrt`` module, or an :class:`EdgecvError` saying how to get it."""
-    try:
-        return importer("tensorrt")
-    except ImportError as exc:
-        if getattr(exc, "name", None) in ("tensorrt", None) and "No module named" in str(exc):
-            raise EdgecvError(
-                f"backend 'tensorrt': the tensorrt package is not installed ({INSTALL_HINT}; "
-                "on Jetson it comes with JetPack: apt install python3-libnvinfer)"
-            ) from exc
-        raise EdgecvError(f"backend 'tensorrt': the tensorrt package does not load: {_first_line(exc)}") from exc
-    except OSError as exc:  # libnvinfer.so missing or of another CUDA
-        raise EdgecvError(f"backend 'tensorrt': the tensorrt package does not load: {_first_line(exc)}") from exc
-
-
-def import_pycuda(importer: Importer = importlib.import_module) -> Any:
-    """``pycuda.driver`` (not initialised), or an :class:`EdgecvError` saying what is missing."""
-    try:
-        importer("pycuda")
-    except ImportError as exc:
-        raise EdgecvError(f"backend 'tensorrt': pycuda is not installed ({INSTALL_HINT})") from exc
-    try:
-        return importer("pycuda.driver")
-    except (ImportError, OSError) as exc:  # libcuda.so.1 absent: no NVIDIA driver
-        raise EdgecvError(
-            f"backend 'tensorrt': pycuda cannot load the NVIDIA driver library (is the driver installed?): "
-            f"{_first_line(exc)}"
-        ) from exc
-
-
-def cuda_device_name(cuda: Any, index: int = 0) -> str:
-    """Initialise the CUDA driver and return the name of device ``index``; no device is an error."""
-    try:
-        cuda.init()
-        count = cuda.Device.count()
-    except Exception as exc:  # pycuda.driver.RuntimeError: cuInit failed: no CUDA-capable device is detected
-        raise EdgecvError(f"backend 'tensorrt': no CUDA device: {_first_line(exc)}") from exc
-    if count < 1:
-        raise EdgecvError("backend 'tensorrt': no CUDA device found (the driver reports 0 GPUs)")
-    if not 0 <= index < count:
-        raise EdgecvError(f"backend 'tensorrt': expected a CUDA device index 0..{count - 1}, got {index}")
-    return str(cuda.Device(index).name())
+# -- the machine ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -181,14 +142,6 @@ _TRT_TO_NUMPY: dict[str, type[np.generic]] = {
     "UINT8": np.uint8,
     "DOUBLE": np.float64,
 }
-
-
-def trt_dtype_name(dtype: Any) -> str:
-    """``tensorrt.DataType.HALF`` -> ``HALF`` (also for anything with a ``name`` or that prints so)."""
-    name = getattr(dtype, "name", None)
-    if not isinstance(name, str):
-        name = str(dtype).rsplit(".", 1)[-1]
-    return name.upper()
 
 
 def numpy_dtype(dtype: Any, tensor: str = "tensor") -> np.dtype:
@@ -423,25 +376,6 @@ def _last(lines: Sequence[str]) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def _make_logger(trt: Any) -> Any:
-    """A TensorRT logger that keeps errors (for messages) and forwards the rest to logging."""
-
-    class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            level = trt_dtype_name(severity)
-            if level in ("INTERNAL_ERROR", "ERROR"):
-                self.errors.append(str(msg))
-                log.debug("TensorRT: %s", msg)
-            elif level == "WARNING":
-                log.debug("TensorRT warning: %s", msg)
-
-    return _Logger()
-
-
 # -- the backend ----------------------------------------------------------------------------
 
 
@@ -479,7 +413,7 @@ class TensorRTBackend(Backend):
         cuda_ctx = cuda.Device(device).retain_primary_context()
         cuda_ctx.push()
         try:
-            logger = _make_logger(trt)
+            logger = make_logger(trt)
             if hasattr(trt, "init_libnvinfer_plugins"):
                 trt.init_libnvinfer_plugins(logger, "")
             runtime = trt.Runtime(logger)
@@ -487,7 +421,7 @@ class TensorRTBackend(Backend):
             try:
                 engine = runtime.deserialize_cuda_engine(path.read_bytes())
             except Exception as exc:  # some versions raise instead of returning None
-                logger.errors.append(_first_line(exc))
+                logger.errors.append(first_line(exc))
             if engine is None:
                 raise EdgecvError(deserialize_error(path, logger.errors, built, str(trt.__version__), gpu))
             self._runtime, self._logger = runtime, logger  # engine must not outlive them
@@ -655,9 +589,6 @@ class TensorRTBackend(Backend):
         Needs a box-detector adapter (letterbox preprocessing) and a float32 input of fixed
         size; when it is not used, the reason is logged and the CPU path stays.
         """
-        from edgecv.engine.adapters import Detector
-        from edgecv.engine.gpu_preprocess import GpuPreprocessor
-
         if not isinstance(detector, Detector):
             log.info("GPU preprocessing not used: %s preprocesses on the CPU", type(detector).__name__)
             return None
@@ -669,7 +600,7 @@ class TensorRTBackend(Backend):
             with self._active():
                 self.preprocessor = GpuPreprocessor.for_detector(detector, stream=self._stream, cuda=self._cuda)
         except Exception as exc:  # EdgecvError (no nvcc...) or a pycuda error: keep the CPU path
-            log.warning("GPU preprocessing not used, preprocessing on the CPU: %s", _first_line(exc))
+            log.warning("GPU preprocessing not used, preprocessing on the CPU: %s", first_line(exc))
             self.preprocessor = None
         else:
             log.info("GPU preprocessing: letterbox kernel writes into the TensorRT input buffer")
@@ -740,13 +671,12 @@ def _metadata(onnx: Optional[Union[str, Path]], built: dict[str, Any]) -> dict[s
 def open_tensorrt(path: Union[str, Path], device: int = 0, **build: Any) -> TensorRTBackend:
     """A TensorRT backend for an engine file, or for an ONNX model (built once, then taken from the cache).
 
-    ``build``: options for :func:`edgecv.engine.trt_build.ensure_engine` (precision, max_batch...).
+    ``build``: options for :func:`edgecv.engine.trt_build.ensure_engine` (precision, max_batch,
+    ``adapter_factory`` for INT8 calibration...).
     """
     path = Path(path)
     if is_engine_file(path):
         return TensorRTBackend(path, device=device)
-    from edgecv.engine.trt_build import ensure_engine
-
     engine = ensure_engine(path, device=device, **build)
     return TensorRTBackend(engine, onnx=path, device=device)
 
@@ -761,8 +691,6 @@ __all__ = [
     "choose_backend",
     "deserialize_error",
     "engine_api",
-    "import_pycuda",
-    "import_tensorrt",
     "io_table",
     "numpy_dtype",
     "open_tensorrt",

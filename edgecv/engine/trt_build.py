@@ -8,8 +8,10 @@ both end in :func:`build_engine`:
    max_batch (a fixed batch keeps its size; ``--max-batch`` then has no effect);
 3. ``fp16`` sets the FP16 flag; ``int8`` sets INT8 (and FP16 for layers INT8 cannot take) and
    calibrates with :class:`IInt8EntropyCalibrator2` on images passed through the model
-   adapter's own ``Detector.preprocess`` (:class:`CalibrationBatches`); the calibration cache
-   is written next to the engine and reused by the next build;
+   adapter's own ``Detector.preprocess`` (:class:`CalibrationBatches`; the caller passes the
+   adapter factory, :func:`edgecv.engine.registry.calibration_detector`, so the builder does
+   not depend on the model families); the calibration cache is written next to the engine and
+   reused by the next build;
 4. progress: TensorRT >= 10 reports its build phases through ``IProgressMonitor``; older
    versions get a heartbeat line every few seconds;
 5. the serialized engine is written atomically, with a JSON sidecar (source ONNX, its
@@ -22,6 +24,7 @@ reuses the file.
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import sys
@@ -44,10 +47,12 @@ from edgecv.engine.cache import (
     engine_key,
     engine_path,
     onnx_metadata,
+    protobuf_fields,
     sha256_file,
     write_atomic,
     write_sidecar,
 )
+from edgecv.engine.trt_env import cuda_device_name, import_pycuda, import_tensorrt, make_logger
 
 log = logging.getLogger("edgecv.engine")
 
@@ -58,6 +63,10 @@ DEFAULT_CALIB_BATCH = 8
 AUTO_MAX_BATCH = 4
 """Largest batch of an engine built automatically from an ONNX model with a dynamic batch."""
 PRECISION_ENV, MAX_BATCH_ENV, CALIB_ENV = "EDGECV_TRT_PRECISION", "EDGECV_TRT_MAX_BATCH", "EDGECV_TRT_CALIB_DIR"
+
+AdapterFactory = Callable[[Path, str], Any]
+"""(ONNX model, family) -> the model adapter whose ``preprocess`` INT8 calibration runs images
+through; :func:`edgecv.engine.registry.calibration_detector` is the one edgecv uses."""
 
 
 # -- calibration data -------------------------------------------------------------------------
@@ -162,42 +171,25 @@ class CalibrationBatches:
             yield batch
 
 
-def calibration_detector(onnx: PathLike, family: str = "auto") -> Any:
-    """The model adapter whose ``preprocess`` calibration uses (model loaded with ONNX Runtime on the CPU)."""
-    from edgecv.engine.backend import OnnxRuntimeBackend
-    from edgecv.engine.registry import FAMILIES, infer_family
-
-    try:
-        backend = OnnxRuntimeBackend(onnx, threads=1, providers=["CPUExecutionProvider"])
-    except EdgecvError as exc:
-        raise EdgecvError(f"INT8 calibration preprocesses images with the model's adapter: {exc}") from exc
-    chosen = infer_family(backend) if family == "auto" else family
-    if chosen not in FAMILIES:
-        raise EdgecvError(f"family: expected one of auto, {', '.join(FAMILIES)}, got {family!r}")
-    return FAMILIES[chosen](backend)
-
-
 # -- shapes ---------------------------------------------------------------------------------
 
 
 def onnx_input_shape(path: PathLike) -> tuple[str, tuple[int, ...]]:
     """(name, shape) of the ONNX model's single real input (initializers excluded); -1 = dynamic."""
-    from edgecv.engine.cache import _fields  # protobuf wire reader
-
     p = Path(path)
     try:
         data = p.read_bytes()
-        graph = next(v for n, w, v in _fields(data) if n == 7 and w == 2)
+        graph = next(v for n, w, v in protobuf_fields(data) if n == 7 and w == 2)
         initializers: set[str] = set()
         inputs: list[tuple[str, tuple[int, ...]]] = []
-        for number, wire, value in _fields(graph):
+        for number, wire, value in protobuf_fields(graph):
             if wire != 2:
                 continue
             if number == 5:  # initializer TensorProto: name = 8
-                initializers.update(v.decode() for n, w, v in _fields(value) if n == 8 and w == 2)
+                initializers.update(v.decode() for n, w, v in protobuf_fields(value) if n == 8 and w == 2)
             elif number == 11:  # input ValueInfoProto: name = 1, type = 2
                 name, shape = "", ()
-                for n, w, v in _fields(value):
+                for n, w, v in protobuf_fields(value):
                     if n == 1 and w == 2:
                         name = v.decode()
                     elif n == 2 and w == 2:
@@ -214,16 +206,14 @@ def onnx_input_shape(path: PathLike) -> tuple[str, tuple[int, ...]]:
 
 def _type_shape(type_proto: bytes) -> tuple[int, ...]:
     """TypeProto -> tensor_type (1) -> shape (2) -> dim (1) -> dim_value (1) | dim_param (2)."""
-    from edgecv.engine.cache import _fields
-
-    for n, w, tensor in _fields(type_proto):
+    for n, w, tensor in protobuf_fields(type_proto):
         if n == 1 and w == 2:
-            for n2, w2, shape in _fields(tensor):
+            for n2, w2, shape in protobuf_fields(tensor):
                 if n2 == 2 and w2 == 2:
                     out = []
-                    for n3, w3, dim in _fields(shape):
+                    for n3, w3, dim in protobuf_fields(shape):
                         if n3 == 1 and w3 == 2:
-                            value = [v for k, wt, v in _fields(dim) if k == 1 and wt == 0]
+                            value = [v for k, wt, v in protobuf_fields(dim) if k == 1 and wt == 0]
                             out.append(int(value[0]) if value and value[0] > 0 else -1)
                     return tuple(out)
     return ()
@@ -272,8 +262,6 @@ def calibration_batch_size(input_shape: Sequence[int], requested: int, max_batch
 
 
 def _imgsz(metadata: dict[str, str]) -> Optional[tuple[int, int]]:
-    import ast
-
     try:
         value = ast.literal_eval(metadata.get("imgsz", ""))
     except (ValueError, SyntaxError):
@@ -446,14 +434,14 @@ def build_engine(
     device: int = 0,
     cache_folder: Optional[PathLike] = None,
     write: Callable[[str], None] = _stderr,
+    adapter_factory: Optional[AdapterFactory] = None,
 ) -> BuildResult:
     """Build a TensorRT engine from ``onnx``; ``output`` defaults to its cache path.
 
     INT8 needs ``calib_dir`` (a folder of images like the ones the model will see) unless
-    a calibration cache already sits where the engine goes.
+    a calibration cache already sits where the engine goes. Calibrating on images needs
+    ``adapter_factory`` (:data:`AdapterFactory`), called with ``(onnx, family)``.
     """
-    from edgecv.engine.tensorrt import cuda_device_name, import_pycuda, import_tensorrt
-
     onnx = Path(onnx)
     if not onnx.is_file():
         raise EdgecvError(f"model {onnx}: expected an ONNX model file, found no such file")
@@ -469,6 +457,11 @@ def build_engine(
     images: list[Path] = []
     if precision == "int8" and calib_dir is not None:
         images = list_images(calib_dir)
+        if adapter_factory is None:
+            raise EdgecvError(
+                "INT8 calibration preprocesses images with the model's adapter: expected an adapter_factory "
+                "(edgecv.engine.registry.calibration_detector), got none"
+            )
     trt = import_tensorrt()
     cuda = import_pycuda()
     gpu = cuda_device_name(cuda, device)
@@ -489,7 +482,7 @@ def build_engine(
     try:
         serialized, inputs, outputs = _build(
             trt, cuda, onnx, input_shape, metadata, precision, batch, workspace_mb, images, calib_batch, family,
-            calib_cache, write,
+            adapter_factory, calib_cache, write,
         )  # fmt: skip
     finally:
         context.pop()
@@ -532,13 +525,12 @@ def _build(
     images: list[Path],
     calib_batch: int,
     family: str,
+    adapter_factory: Optional[AdapterFactory],
     calib_cache: Path,
     write: Callable[[str], None],
 ) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
     """Parse, configure and build (CUDA context current); (serialized engine, inputs, outputs)."""
-    from edgecv.engine.tensorrt import _make_logger
-
-    logger = _make_logger(trt)
+    logger = make_logger(trt)
     if hasattr(trt, "init_libnvinfer_plugins"):
         trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
@@ -586,7 +578,8 @@ def _build(
         config.set_flag(trt.BuilderFlag.INT8)
         batch = calibration_batch_size(net_shape, calib_batch, max_batch)
         if images:
-            batches = CalibrationBatches(images, calibration_detector(onnx, family), batch_size=batch)
+            assert adapter_factory is not None  # build_engine checked
+            batches = CalibrationBatches(images, adapter_factory(onnx, family), batch_size=batch)
             write(f"  INT8 calibration: {len(images)} images in {len(batches)} batches of {batch}")
         else:
             batches = _CachedOnly(batch, input_shape)
@@ -629,25 +622,35 @@ class _CachedOnly:
         return 0
 
 
-def auto_options(environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """Build options for an engine built automatically: precision and max batch from the environment.
-
-    ``EDGECV_TRT_PRECISION`` (fp16 default; fp32; int8 needs ``EDGECV_TRT_CALIB_DIR``) and
-    ``EDGECV_TRT_MAX_BATCH`` (default :data:`AUTO_MAX_BATCH`, for models with a dynamic batch).
-    """
+def env_overrides(environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The build options set in the environment, which override the model's `tensorrt:` section:
+    ``EDGECV_TRT_PRECISION`` (fp16, fp32, int8: needs a calibration folder), ``EDGECV_TRT_MAX_BATCH`` (for models
+    with a dynamic batch) and ``EDGECV_TRT_CALIB_DIR``. Unset ones are absent."""
     env = os.environ if environ is None else environ
-    precision = env.get(PRECISION_ENV, "fp16").strip().lower() or "fp16"
-    if precision not in PRECISIONS:
-        raise EdgecvError(f"{PRECISION_ENV}: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    out: dict[str, Any] = {}
+    precision = env.get(PRECISION_ENV, "").strip().lower()
+    if precision:
+        if precision not in PRECISIONS:
+            raise EdgecvError(f"{PRECISION_ENV}: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        out["precision"] = precision
     raw = env.get(MAX_BATCH_ENV, "").strip()
-    try:
-        max_batch = int(raw) if raw else AUTO_MAX_BATCH
-    except ValueError:
-        raise EdgecvError(f"{MAX_BATCH_ENV}: expected a whole number, got {raw!r}") from None
-    if not 1 <= max_batch <= DYNAMIC_MAX_BATCH * 4:
-        raise EdgecvError(f"{MAX_BATCH_ENV}: expected 1..{DYNAMIC_MAX_BATCH * 4}, got {max_batch}")
-    calib = env.get(CALIB_ENV) or None
-    return {"precision": precision, "max_batch": max_batch, "calib_dir": calib}
+    if raw:
+        try:
+            max_batch = int(raw)
+        except ValueError:
+            raise EdgecvError(f"{MAX_BATCH_ENV}: expected a whole number, got {raw!r}") from None
+        if not 1 <= max_batch <= DYNAMIC_MAX_BATCH * 4:
+            raise EdgecvError(f"{MAX_BATCH_ENV}: expected 1..{DYNAMIC_MAX_BATCH * 4}, got {max_batch}")
+        out["max_batch"] = max_batch
+    if env.get(CALIB_ENV):
+        out["calib_dir"] = env[CALIB_ENV]
+    return out
+
+
+def auto_options(environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Build options for an engine built automatically with no `tensorrt:` section: the defaults (fp16, batch
+    :data:`AUTO_MAX_BATCH`, no calibration folder) with the environment's overrides."""
+    return {"precision": "fp16", "max_batch": AUTO_MAX_BATCH, "calib_dir": None, **env_overrides(environ)}
 
 
 def ensure_engine(
@@ -657,18 +660,22 @@ def ensure_engine(
     calib_dir: Optional[PathLike] = None,
     device: int = 0,
     cache_folder: Optional[PathLike] = None,
+    adapter_factory: Optional[AdapterFactory] = None,
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
 ) -> Path:
     """The cached engine for ``onnx`` on this machine, built first if there is none.
 
-    Unset options come from :func:`auto_options` (environment). Logs which engine is used,
-    or that it is being built and roughly how long that takes.
+    The options are the model's `tensorrt:` section (unset: :func:`auto_options`'s defaults); the environment
+    (:func:`env_overrides`) overrides them. Logs which engine is used, or that it is being built and roughly how
+    long that takes. ``adapter_factory``: for an INT8 build that calibrates on images (see :func:`build_engine`).
     """
-    from edgecv.engine.tensorrt import cuda_device_name, import_pycuda, import_tensorrt
-
-    defaults = auto_options()
-    precision = precision or defaults["precision"]
-    max_batch = max_batch or defaults["max_batch"]
-    calib_dir = calib_dir or defaults["calib_dir"]
+    given = {"precision": precision, "max_batch": max_batch, "calib_dir": calib_dir}
+    overrides = env_overrides()
+    for key, value in overrides.items():
+        if given[key] is not None and str(given[key]) != str(value):
+            log.info("TensorRT engine: %s %s from the environment (the config says %s)", key, value, given[key])
+    options = {**auto_options({}), **{k: v for k, v in given.items() if v is not None}, **overrides}
+    precision, max_batch, calib_dir = options["precision"], options["max_batch"], options["calib_dir"]
     onnx = Path(onnx)
     if not onnx.is_file():
         raise EdgecvError(f"model {onnx}: expected an ONNX model file, found no such file")
@@ -689,6 +696,6 @@ def ensure_engine(
     )  # fmt: skip
     result = build_engine(
         onnx, path, precision=precision, max_batch=batch, calib_dir=calib_dir, device=device,
-        write=lambda line: log.info("%s", line.strip()),
+        workspace_mb=workspace_mb, write=lambda line: log.info("%s", line.strip()), adapter_factory=adapter_factory,
     )  # fmt: skip
     return result.path

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -117,9 +117,3 @@ def load_results(path: Union[str, Path], what: str = "results") -> MotSequence:
         r = rows[rows[:, 0] == f]
         frames[f] = FrameBoxes(r[:, 1].astype(np.int64), _xyxy(r), scores=r[:, 6])
     return MotSequence(frames)
-
-
-def format_rows(frame: int, ids: Iterable[int], xyxy: np.ndarray, scores: Iterable[float]) -> list[str]:
-    """MOT result rows ``frame,id,x,y,w,h,score,-1,-1,-1`` for the boxes of one frame."""
-    return [f"{frame},{tid},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{score:.4f},-1,-1,-1\n"
-            for (x1, y1, x2, y2), tid, score in zip(np.asarray(xyxy).tolist(), ids, scores)]
