@@ -32,7 +32,7 @@ from .engine.adapters import Detector
 from .models import ModelSet, Prepared
 from .sources.base import Source
 from .sources.capture import make_source
-from .tracking.bytetrack import ByteTracker, TrackerConfig
+from .tracking.bytetrack import ByteTracker, TrackerConfig, TrackEventKind
 from .types import Detections, Event, Frame, SemanticMasks
 
 log = logging.getLogger("edgecv.pipeline")
@@ -60,24 +60,18 @@ class LatencyWindow:
 
 
 def build_rules(cam: CameraConfig, detector: Detector) -> list[Rule]:
+    """The rules of a camera's config, their ``classes`` resolved to ``detector``'s class ids."""
     def ids(classes: Optional[list[str]]) -> Optional[set[int]]:
         return None if classes is None else set(detector.class_ids(classes))
 
-    rules: list[Rule] = [ObjectRule(ids(cam.objects.classes), cam.objects.new, cam.objects.lost)]
-    for name, z in cam.zones.items():
-        rules.append(ZoneRule(name, z.polygon, z.anchor, ids(z.classes), z.min_frames, z.cooldown_s,
-                              z.loiter_s, z.exit_on_lost))
-    for name, ln in cam.lines.items():
-        rules.append(LineRule(name, ln.points, ln.anchor, ids(ln.classes), ln.min_frames, ln.cooldown_s))
+    rules: list[Rule] = [ObjectRule.from_config(cam.objects, ids(cam.objects.classes))]
+    rules += [ZoneRule.from_config(name, z, ids(z.classes)) for name, z in cam.zones.items()]
+    rules += [LineRule.from_config(name, ln, ids(ln.classes)) for name, ln in cam.lines.items()]
     drv = cam.driving
     if drv is not None and drv.collision is not None and drv.collision.enabled:
-        c = drv.collision
-        rules.append(CollisionRule(c.ttc_s, c.window, c.min_frames, c.min_growth, c.scale, c.cooldown_s,
-                                   ids(c.classes), c.ego_path, c.ego_corridor, c.anchor, c.min_drivable))
+        rules.append(CollisionRule.from_config(drv.collision, ids(drv.collision.classes)))
     if drv is not None and drv.drivable_zone is not None and drv.drivable_zone.enabled:
-        z = drv.drivable_zone
-        rules.append(MaskZoneRule(z.mask, ids(z.classes), z.min_frames, z.cooldown_s, z.exit_on_lost,
-                                  z.min_drivable))
+        rules.append(MaskZoneRule.from_config(drv.drivable_zone, ids(drv.drivable_zone.classes)))
     return rules
 
 
@@ -267,7 +261,8 @@ class CameraWorker:
         tracks = tracker.update(dets, frames_skipped=skipped, image=frame.image)
         w, h = self.frame_size = frame.size
         np.clip(tracks.xyxy, 0, np.array([w, h, w, h], np.float32), out=tracks.xyxy)  # Kalman boxes may overshoot
-        removed = [Removed(e.track_id, e.class_id, e.score, e.xyxy) for e in self.tracker.events if e.kind == "removed"]
+        removed = [Removed(e.track_id, e.class_id, e.score, e.xyxy) for e in self.tracker.events
+                   if e.kind == TrackEventKind.REMOVED]
         fps = self.source.fps
         t = (frame.index - 1) / fps if (self.source.cfg.kind == "file" and fps) else frame.t_mono
         areas = tracks.data.get("mask_area")

@@ -12,7 +12,11 @@ from typing import Optional, Sequence
 import numpy as np
 import pytest
 
-from edgecv.analytics.rules import FrameContext, LineRule, ObjectRule, Removed, Rule, ZoneRule
+from edgecv.analytics.driving import CollisionRule, MaskZoneRule
+from edgecv.analytics.rules import Debounce, EventType, FrameContext, LineRule, ObjectRule, Removed, Rule, ZoneRule
+from edgecv.config import (CameraConfig, CollisionConfig, DrivableZoneConfig, DrivingConfig, LineConfig,
+                           ObjectEventsConfig, ZoneConfig)
+from edgecv.pipeline import build_rules
 from edgecv.types import EVENT_SCHEMA, Detections, Event
 
 FPS = 4.0
@@ -458,3 +462,78 @@ def test_event_id_depends_on_frame_track_and_rule() -> None:
     assert c.event("zone.enter", c.obj(6, PERSON, 0.9, box(150, 150)), "plaza", zone="plaza").id != base.id
     assert c.event("zone.enter", obj, "door", zone="door").id != base.id
     assert c.event("zone.exit", obj, "plaza", zone="plaza").id != base.id
+
+
+def test_event_types_reach_events_as_plain_strings() -> None:
+    c = ctx(3)
+    obj = c.obj(5, PERSON, 0.9, box(150, 150))
+    by_enum = c.event(EventType.ZONE_ENTER, obj, "plaza", zone="plaza")
+    by_str = c.event("zone.enter", obj, "plaza", zone="plaza")
+    assert type(by_enum.type) is str and by_enum == by_str and by_enum.id == by_str.id
+    assert json.dumps(by_enum.to_payload(1.0)) == json.dumps(by_str.to_payload(1.0))
+    events = _all_rule_events()
+    assert all(type(e.type) is str for e in events)
+    assert {e.type for e in events} <= {t.value for t in EventType}
+
+
+# ------------------------------------------------------------------------------------------------
+# debounce, rules from their config
+
+
+def test_debounce_confirms_a_value_after_min_frames_agreeing_observations() -> None:
+    d: Debounce[bool] = Debounce()
+    assert [d.observe(v, 2) for v in (True, False, True, True, True)] == [None, None, None, True, None]
+    assert (d.confirmed, d.candidate, d.streak) == (True, None, 0)
+    # an observation of the confirmed value breaks the streak of the candidate
+    assert [d.observe(v, 2) for v in (False, True, False, False)] == [None, None, None, False]
+    assert Debounce().observe(False, 1) is False  # the first value is confirmed like any later one
+
+
+class _Detector:
+    names = list(NAMES)
+
+    def class_ids(self, names: Sequence[str]) -> list[int]:
+        return [self.names.index(n) for n in names]
+
+
+def test_rules_are_made_from_their_config_sections() -> None:
+    zone = ZoneRule.from_config("plaza", ZoneConfig(polygon=SQUARE, anchor="center", classes=["person"], min_frames=5,
+                                                    cooldown_s=1.5, loiter_s=3.0, exit_on_lost=False), {PERSON})
+    assert (zone.name, zone.anchor, zone.class_ids, zone.min_frames, zone.cooldown_s, zone.loiter_s,
+            zone.exit_on_lost) == ("plaza", "center", {PERSON}, 5, 1.5, 3.0, False)
+    assert zone.polygon.reshape(-1, 2).tolist() == SQUARE
+    line = LineRule.from_config("door", LineConfig(points=VERTICAL, anchor="top_center", min_frames=2,
+                                                   cooldown_s=4.0), None)
+    assert (line.name, line.anchor, line.class_ids, line.min_frames, line.cooldown_s) == ("door", "top_center",
+                                                                                          None, 2, 4.0)
+    assert [line.a.tolist(), line.b.tolist()] == VERTICAL
+    obj = ObjectRule.from_config(ObjectEventsConfig(new=False), {CAR})
+    assert (obj.class_ids, obj.emit_new, obj.emit_lost) == ({CAR}, False, True)
+    corridor = [[0, 200], [640, 200], [640, 480]]
+    col = CollisionRule.from_config(CollisionConfig(ttc_s=3.0, window=10, min_frames=5, min_growth=0.1,
+                                                    scale="height", cooldown_s=1.0, ego_path="both",
+                                                    ego_corridor=corridor, anchor="center", min_drivable=0.4), {CAR})
+    assert (col.ttc_s, col.window, col.min_frames, col.min_growth, col.scale, col.cooldown_s, col.class_ids,
+            col.ego_path, col.min_drivable, col.mask) == (3.0, 10, 5, 0.1, "height", 1.0, {CAR}, "both", 0.4,
+                                                          "drivable")
+    assert col.corridor is not None and col.corridor.anchor == "center"
+    assert col.corridor.polygon.reshape(-1, 2).tolist() == corridor
+    mask = MaskZoneRule.from_config(DrivableZoneConfig(mask="road", min_drivable=0.3, min_frames=2, cooldown_s=2.0,
+                                                       exit_on_lost=False), None)
+    assert (mask.name, mask.mask, mask.min_share, mask.min_frames, mask.cooldown_s, mask.exit_on_lost) == (
+        "road", "road", 0.3, 2, 2.0, False)
+    with pytest.raises(TypeError):
+        ZoneRule("plaza", SQUARE, "center")  # type: ignore[misc]  # settings are keyword-only
+
+
+def test_build_rules_makes_the_rules_of_a_camera_in_order() -> None:
+    cam = CameraConfig(source="street.mp4", objects=ObjectEventsConfig(lost=False),
+                       zones={"a": ZoneConfig(polygon=SQUARE, classes=["car"]), "b": ZoneConfig(polygon=SQUARE)},
+                       lines={"door": LineConfig(points=VERTICAL, classes=["person", "car"])},
+                       driving=DrivingConfig(collision=CollisionConfig(classes=["car"]),
+                                             drivable_zone=DrivableZoneConfig(enabled=False)))
+    rules = build_rules(cam, _Detector())  # type: ignore[arg-type]
+    assert [(type(r).__name__, r.name, r.class_ids) for r in rules] == [
+        ("ObjectRule", "", None), ("ZoneRule", "a", {CAR}), ("ZoneRule", "b", None),
+        ("LineRule", "door", {PERSON, CAR}), ("CollisionRule", "collision", {CAR})]
+    assert not rules[0].emit_lost  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ from edgecv.tracking import (
     ByteTracker,
     TrackerConfig,
     TrackEvent,
+    TrackEventKind,
     box_iou,
     xyah_to_xyxy,
     xyxy_to_xyah,
@@ -313,6 +314,8 @@ def test_lifecycle_events() -> None:
     with_events = {f: trace.kinds(f) for f in range(20) if trace.events[f]}
     assert with_events == {1: ["new"], 10: ["lost"], 15: ["removed"]}
     new, lost, removed = trace.events[1][0], trace.events[10][0], trace.events[15][0]
+    assert (new.kind, lost.kind, removed.kind) == (TrackEventKind.NEW, TrackEventKind.LOST, TrackEventKind.REMOVED)
+    assert all(isinstance(e.kind, TrackEventKind) for e in (new, lost, removed))
     assert (new.track_id, new.class_id, new.frames_tracked) == (1, 4, 2)
     assert new.xyxy == pytest.approx(tuple(trace.outputs[1].xyxy[0]), abs=1e-3)
     assert lost.track_id == removed.track_id == 1 and lost.frames_tracked == removed.frames_tracked == 10

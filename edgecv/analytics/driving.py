@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from ..types import Detections, Event
-from .rules import FrameContext, Removed, Rule, ZoneRule
+from .rules import EventType, FrameContext, Removed, Rule, ZoneRule
+
+if TYPE_CHECKING:
+    from ..config import CollisionConfig, DrivableZoneConfig
 
 PROBE_WIDTH = 0.5  # the probe strip spans the middle half of the box's width
 PROBE_DEPTH = 0.25  # and reaches this share of the box's height below its bottom edge (at least 2 pixels)
@@ -95,11 +98,11 @@ class CollisionRule(Rule):
 
     kind = "collision"
 
-    def __init__(self, ttc_s: float = 2.0, window: int = 8, min_frames: int = 4, min_growth: float = 0.05,
+    def __init__(self, ttc_s: float = 2.0, *, window: int = 8, min_frames: int = 4, min_growth: float = 0.05,
                  scale: str = "sqrt_area", cooldown_s: float = 3.0, class_ids: Optional[set[int]] = None,
                  ego_path: str = "auto", ego_corridor: Optional[Sequence[Sequence[float]]] = None,
                  anchor: str = "bottom_center", min_drivable: float = 0.2, mask: str = "drivable") -> None:
-        super().__init__("collision", class_ids, min_frames, cooldown_s)
+        super().__init__("collision", class_ids=class_ids, min_frames=min_frames, cooldown_s=cooldown_s)
         if ego_path == "auto":
             ego_path = "corridor" if ego_corridor is not None else "drivable"
         if ego_path not in ("drivable", "corridor", "either", "both"):
@@ -114,10 +117,17 @@ class CollisionRule(Rule):
         self.min_growth = float(min_growth)
         self.scale = scale
         self.ego_path = ego_path
-        self.corridor = None if ego_corridor is None else ZoneRule("ego_corridor", ego_corridor, anchor)
+        self.corridor = None if ego_corridor is None else ZoneRule("ego_corridor", ego_corridor, anchor=anchor)
         self.min_drivable = float(min_drivable)
         self.mask = mask
         self._history: dict[int, deque[tuple[float, float]]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: CollisionConfig, class_ids: Optional[set[int]] = None) -> CollisionRule:
+        """A camera's ``driving.collision`` section; ``class_ids``: its ``classes`` as the detector's ids."""
+        return cls(cfg.ttc_s, window=cfg.window, min_frames=cfg.min_frames, min_growth=cfg.min_growth,
+                   scale=cfg.scale, cooldown_s=cfg.cooldown_s, class_ids=class_ids, ego_path=cfg.ego_path,
+                   ego_corridor=cfg.ego_corridor, anchor=cfg.anchor, min_drivable=cfg.min_drivable)
 
     @property
     def tracked(self) -> int:
@@ -155,10 +165,10 @@ class CollisionRule(Rule):
                     continue
                 if in_path is None:
                     in_path = self.in_ego_path(ctx, tracks)
-                if not in_path[i] or not self._cooled(tid, "collision.warning", ctx.t):
+                if not in_path[i] or not self._cooled(tid, EventType.COLLISION_WARNING, ctx.t):
                     continue
                 obj = ctx.obj(tid, int(tracks.class_id[i]), float(tracks.score[i]), tracks.xyxy[i])
-                events.append(ctx.event("collision.warning", obj, self.name, ttc_s=round(fit[0], 2)))
+                events.append(ctx.event(EventType.COLLISION_WARNING, obj, self.name, ttc_s=round(fit[0], 2)))
         for r in removed:
             self._history.pop(r.track_id, None)
             self._forget(r.track_id)
@@ -174,12 +184,20 @@ class MaskZoneRule(ZoneRule):
 
     kind = "mask_zone"
 
-    def __init__(self, mask: str = "drivable", class_ids: Optional[set[int]] = None, min_frames: int = 3,
+    def __init__(self, mask: str = "drivable", *, class_ids: Optional[set[int]] = None, min_frames: int = 3,
                  cooldown_s: float = 0.0, exit_on_lost: bool = True, min_share: float = 0.2) -> None:
-        super().__init__(mask, [[0, 0], [1, 0], [0, 1]], "bottom_center", class_ids, min_frames, cooldown_s,
-                         loiter_s=None, exit_on_lost=exit_on_lost)
+        super().__init__(mask, [[0, 0], [1, 0], [0, 1]], class_ids=class_ids, min_frames=min_frames,
+                         cooldown_s=cooldown_s, exit_on_lost=exit_on_lost)
         self.mask = mask
         self.min_share = float(min_share)
+
+    @classmethod
+    def from_config(cls, cfg: DrivableZoneConfig,  # type: ignore[override]
+                    class_ids: Optional[set[int]] = None) -> MaskZoneRule:
+        """A camera's ``driving.drivable_zone`` section (no name: the mask names the zone); ``class_ids``: its
+        ``classes`` as the detector's ids."""
+        return cls(cfg.mask, class_ids=class_ids, min_frames=cfg.min_frames, cooldown_s=cfg.cooldown_s,
+                   exit_on_lost=cfg.exit_on_lost, min_share=cfg.min_drivable)
 
     def inside(self, ctx: FrameContext, tracks: Detections) -> np.ndarray:
         m = ctx.semantic.get(self.mask) if ctx.semantic is not None else None

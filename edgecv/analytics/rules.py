@@ -1,18 +1,36 @@
 """Rules turn confirmed tracks into events.
 
-Each rule is a small stateful object: geometry in the constructor, one `update` fed the tracks
-of a frame, per-track state deleted when the track ends, debouncing by a minimum number of frames
-and an optional per-track cooldown.
+Each rule is a small stateful object: geometry in the constructor (or ``from_config`` with its config
+section), one `update` fed the tracks of a frame, per-track state deleted when the track ends, debouncing
+by a minimum number of frames (:class:`Debounce`) and an optional per-track cooldown.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Generic, Iterable, Mapping, Optional, Sequence, TypeVar, Union
 
 import cv2
 import numpy as np
 
 from ..types import Detections, Event, ObjectInfo, SemanticMasks
+
+if TYPE_CHECKING:
+    from ..config import LineConfig, ObjectEventsConfig, ZoneConfig
+
+T = TypeVar("T")
+
+
+class EventType(str, Enum):
+    """The ``type`` of the events rules publish (``Event.type`` holds the plain string value)."""
+
+    OBJECT_NEW = "object.new"  # a track was confirmed
+    OBJECT_LOST = "object.lost"  # a confirmed track was removed (the tracker's "removed", not its "lost")
+    ZONE_ENTER = "zone.enter"
+    ZONE_EXIT = "zone.exit"
+    ZONE_LOITER = "zone.loiter"
+    LINE_CROSS = "line.cross"
+    COLLISION_WARNING = "collision.warning"
 
 
 @dataclass(frozen=True)
@@ -41,9 +59,10 @@ class FrameContext:
         return ObjectInfo(int(track_id), self.label(int(class_id)), int(class_id), float(score), box, self.frame_size,
                           self.mask_areas.get(int(track_id)))
 
-    def event(self, type_: str, obj: Optional[ObjectInfo], rule: str = "", **fields: Any) -> Event:
-        return Event(type_, self.node, self.camera, self.frame, self.captured_at, obj, fields,
-                     epoch=self.epoch, rule=rule)
+    def event(self, type_: Union[EventType, str], obj: Optional[ObjectInfo], rule: str = "", **fields: Any) -> Event:
+        """An event of this frame; its ``type`` is stored as a plain string (an EventType's value)."""
+        return Event(type_.value if isinstance(type_, EventType) else type_, self.node, self.camera, self.frame,
+                     self.captured_at, obj, fields, epoch=self.epoch, rule=rule)
 
 
 @dataclass(frozen=True)
@@ -61,7 +80,7 @@ class Rule:
 
     kind = "rule"
 
-    def __init__(self, name: str, class_ids: Optional[set[int]] = None, min_frames: int = 1,
+    def __init__(self, name: str, *, class_ids: Optional[set[int]] = None, min_frames: int = 1,
                  cooldown_s: float = 0.0) -> None:
         self.name = name
         self.class_ids = class_ids
@@ -101,10 +120,34 @@ class Rule:
 
 
 @dataclass
+class Debounce(Generic[T]):
+    """A per-track state confirmed once ``min_frames`` consecutive observations agree on a new value.
+
+    ``confirmed`` is None until the first value is confirmed; an observation equal to ``confirmed``
+    drops the candidate, one that differs from the candidate starts a new streak.
+    """
+
+    confirmed: Optional[T] = None
+    candidate: Optional[T] = None  # value being observed while it differs from `confirmed`
+    streak: int = 0  # consecutive observations of `candidate`
+
+    def observe(self, value: T, min_frames: int) -> Optional[T]:
+        """Feed one observation; returns ``value`` when it becomes the confirmed value, else None."""
+        if value == self.confirmed:
+            self.candidate, self.streak = None, 0
+            return None
+        if value != self.candidate:  # only consecutive agreeing observations count
+            self.candidate, self.streak = value, 0
+        self.streak += 1
+        if self.streak < min_frames:
+            return None
+        self.confirmed, self.candidate, self.streak = value, None, 0
+        return value
+
+
+@dataclass
 class _ZoneState:
-    inside: Optional[bool] = None  # confirmed state; None until min_frames observations agree
-    streak: int = 0  # consecutive frames observed in the candidate state
-    candidate: Optional[bool] = None  # state being observed while it differs from `inside`
+    inside: Debounce[bool] = field(default_factory=Debounce)  # confirmed: in the zone (None: not yet known)
     entered_t: float = 0.0
     loitered: bool = False
     announced: bool = False  # zone.enter of the current visit was emitted (not held back by the cooldown)
@@ -116,15 +159,21 @@ class ZoneRule(Rule):
 
     kind = "zone"
 
-    def __init__(self, name: str, polygon: Sequence[Sequence[float]], anchor: str = "bottom_center",
+    def __init__(self, name: str, polygon: Sequence[Sequence[float]], *, anchor: str = "bottom_center",
                  class_ids: Optional[set[int]] = None, min_frames: int = 3, cooldown_s: float = 0.0,
                  loiter_s: Optional[float] = None, exit_on_lost: bool = True) -> None:
-        super().__init__(name, class_ids, min_frames, cooldown_s)
+        super().__init__(name, class_ids=class_ids, min_frames=min_frames, cooldown_s=cooldown_s)
         self.polygon = np.asarray(polygon, dtype=np.float32).reshape(-1, 1, 2)
         self.anchor = anchor
         self.loiter_s = loiter_s
         self.exit_on_lost = exit_on_lost
         self._state: dict[int, _ZoneState] = {}
+
+    @classmethod
+    def from_config(cls, name: str, cfg: ZoneConfig, class_ids: Optional[set[int]] = None) -> ZoneRule:
+        """The zone ``name`` of a camera's config; ``class_ids``: its ``classes`` as the detector's ids."""
+        return cls(name, cfg.polygon, anchor=cfg.anchor, class_ids=class_ids, min_frames=cfg.min_frames,
+                   cooldown_s=cfg.cooldown_s, loiter_s=cfg.loiter_s, exit_on_lost=cfg.exit_on_lost)
 
     def contains(self, points: np.ndarray) -> np.ndarray:
         """Boolean per point: inside or on the edge of the polygon."""
@@ -137,7 +186,7 @@ class ZoneRule(Rule):
 
     @property
     def occupancy(self) -> int:
-        return sum(1 for s in self._state.values() if s.inside)
+        return sum(1 for s in self._state.values() if s.inside.confirmed)
 
     @property
     def tracked(self) -> int:
@@ -152,47 +201,43 @@ class ZoneRule(Rule):
                 tid = int(sel.track_id[i])
                 st = self._state.setdefault(tid, _ZoneState())
                 st.last = (int(sel.class_id[i]), float(sel.score[i]), tuple(sel.xyxy[i]))
-                now_in = bool(inside[i])
-                if st.inside is None or now_in != st.inside:
-                    if now_in != st.candidate:  # only consecutive agreeing observations count
-                        st.candidate, st.streak = now_in, 0
-                    st.streak += 1
-                    if st.streak >= self.min_frames:
-                        was = st.inside
-                        st.inside, st.streak, st.candidate = now_in, 0, None
-                        if now_in:
-                            st.entered_t, st.loitered = ctx.t, False
-                            # the cooldown holds back a repeated enter; its exit then goes unannounced too
-                            st.announced = self._cooled(tid, "zone.enter", ctx.t)
-                            if st.announced:
-                                events.append(ctx.event("zone.enter", ctx.obj(tid, *st.last), self.name,
-                                                        zone=self.name))
-                        elif was and st.announced:
-                            st.announced = False
-                            events.append(ctx.event("zone.exit", ctx.obj(tid, *st.last), self.name, zone=self.name,
-                                                    dwell_s=round(ctx.t - st.entered_t, 2)))
-                else:
-                    st.streak, st.candidate = 0, None
-                if st.inside and self.loiter_s and not st.loitered and ctx.t - st.entered_t >= self.loiter_s:
-                    st.loitered = True
-                    events.append(ctx.event("zone.loiter", ctx.obj(tid, *st.last), self.name, zone=self.name,
-                                            dwell_s=round(ctx.t - st.entered_t, 2)))
+                events.extend(self._observe(ctx, tid, st, bool(inside[i])))
         for r in removed:
             st = self._state.pop(r.track_id, None)
-            if st is not None and st.inside and st.announced and self.exit_on_lost:
-                events.append(ctx.event("zone.exit", ctx.obj(r.track_id, r.class_id, r.score, r.xyxy), self.name,
-                                        zone=self.name, dwell_s=round(ctx.t - st.entered_t, 2), reason="lost"))
+            if st is not None and st.inside.confirmed and st.announced and self.exit_on_lost:
+                events.append(ctx.event(EventType.ZONE_EXIT, ctx.obj(r.track_id, r.class_id, r.score, r.xyxy),
+                                        self.name, zone=self.name, dwell_s=round(ctx.t - st.entered_t, 2),
+                                        reason="lost"))
             self._forget(r.track_id)
+        return events
+
+    def _observe(self, ctx: FrameContext, tid: int, st: _ZoneState, now_in: bool) -> list[Event]:
+        """The events of one observation of a track: enter / exit once confirmed, loiter."""
+        events: list[Event] = []
+        was = st.inside.confirmed
+        changed = st.inside.observe(now_in, self.min_frames)
+        if changed is True:
+            st.entered_t, st.loitered = ctx.t, False
+            # the cooldown holds back a repeated enter; its exit then goes unannounced too
+            st.announced = self._cooled(tid, EventType.ZONE_ENTER, ctx.t)
+            if st.announced:
+                events.append(ctx.event(EventType.ZONE_ENTER, ctx.obj(tid, *st.last), self.name, zone=self.name))
+        elif changed is False and was and st.announced:
+            st.announced = False
+            events.append(ctx.event(EventType.ZONE_EXIT, ctx.obj(tid, *st.last), self.name, zone=self.name,
+                                    dwell_s=round(ctx.t - st.entered_t, 2)))
+        if st.inside.confirmed and self.loiter_s and not st.loitered and ctx.t - st.entered_t >= self.loiter_s:
+            st.loitered = True
+            events.append(ctx.event(EventType.ZONE_LOITER, ctx.obj(tid, *st.last), self.name, zone=self.name,
+                                    dwell_s=round(ctx.t - st.entered_t, 2)))
         return events
 
 
 @dataclass
 class _LineState:
-    side: int = 0  # confirmed side: -1, +1, or 0 until min_frames observations agree
-    candidate: int = 0
-    streak: int = 0
+    side: Debounce[int] = field(default_factory=Debounce)  # confirmed side: -1 or +1 (None: not yet known)
     last_on_side: Optional[np.ndarray] = None  # last anchor on the confirmed side
-    first_on_candidate: Optional[np.ndarray] = None
+    first_on_candidate: Optional[np.ndarray] = None  # first anchor of the current candidate side
 
 
 def _segments_intersect(p1: np.ndarray, p2: np.ndarray, q1: np.ndarray, q2: np.ndarray) -> bool:
@@ -217,14 +262,20 @@ class LineRule(Rule):
 
     kind = "line"
 
-    def __init__(self, name: str, points: Sequence[Sequence[float]], anchor: str = "bottom_center",
+    def __init__(self, name: str, points: Sequence[Sequence[float]], *, anchor: str = "bottom_center",
                  class_ids: Optional[set[int]] = None, min_frames: int = 3, cooldown_s: float = 0.0) -> None:
-        super().__init__(name, class_ids, min_frames, cooldown_s)
+        super().__init__(name, class_ids=class_ids, min_frames=min_frames, cooldown_s=cooldown_s)
         self.a = np.asarray(points[0], dtype=np.float64)
         self.b = np.asarray(points[1], dtype=np.float64)
         self.anchor = anchor
         self._state: dict[int, _LineState] = {}
         self._counts = {"in": 0, "out": 0}
+
+    @classmethod
+    def from_config(cls, name: str, cfg: LineConfig, class_ids: Optional[set[int]] = None) -> LineRule:
+        """The line ``name`` of a camera's config; ``class_ids``: its ``classes`` as the detector's ids."""
+        return cls(name, cfg.points, anchor=cfg.anchor, class_ids=class_ids, min_frames=cfg.min_frames,
+                   cooldown_s=cfg.cooldown_s)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -248,38 +299,35 @@ class LineRule(Rule):
             sides = self.sides(pts) if len(sel) else np.zeros(0, int)
             for i in range(len(sel)):
                 tid = int(sel.track_id[i])
-                st = self._state.setdefault(tid, _LineState())
-                s, p = int(sides[i]), pts[i]
-                if s == 0:  # exactly on the line: no information
-                    continue
-                if s == st.side:
-                    st.candidate, st.streak, st.first_on_candidate = 0, 0, None
-                    st.last_on_side = p
-                    continue
-                if s != st.candidate:
-                    st.candidate, st.streak, st.first_on_candidate = s, 0, p
-                st.streak += 1
-                if st.streak < self.min_frames:
-                    continue
-                prev_side, prev_point = st.side, st.last_on_side
-                st.side, st.last_on_side = s, p
-                st.candidate, st.streak = 0, 0
-                first = st.first_on_candidate
-                st.first_on_candidate = None
-                if prev_side == 0 or prev_point is None or first is None:
-                    continue  # first confirmed side of this track: no crossing
-                if not _segments_intersect(prev_point, first, self.a, self.b):
-                    continue  # went around the end of the line
-                direction = "in" if prev_side < 0 < s else "out"
-                if not self._cooled(tid, direction, ctx.t):
+                direction = self._observe(self._state.setdefault(tid, _LineState()), int(sides[i]), pts[i])
+                if direction is None or not self._cooled(tid, direction, ctx.t):
                     continue
                 self._counts[direction] += 1
                 obj = ctx.obj(tid, int(sel.class_id[i]), float(sel.score[i]), sel.xyxy[i])
-                events.append(ctx.event("line.cross", obj, self.name, line=self.name, direction=direction))
+                events.append(ctx.event(EventType.LINE_CROSS, obj, self.name, line=self.name, direction=direction))
         for r in removed:
             self._state.pop(r.track_id, None)
             self._forget(r.track_id)
         return events
+
+    def _observe(self, st: _LineState, side: int, point: np.ndarray) -> Optional[str]:
+        """The direction ("in" / "out") of the crossing this observation confirms, if any."""
+        if side == 0:  # exactly on the line: no information
+            return None
+        prev_side, prev_point = st.side.confirmed, st.last_on_side
+        if side == prev_side:
+            st.last_on_side = point
+        elif side != st.side.candidate:
+            st.first_on_candidate = point  # a new candidate side starts here
+        if st.side.observe(side, self.min_frames) is None:
+            return None
+        st.last_on_side = point
+        first = st.first_on_candidate
+        if prev_side is None or prev_point is None or first is None:
+            return None  # first confirmed side of this track: no crossing
+        if not _segments_intersect(prev_point, first, self.a, self.b):
+            return None  # went around the end of the line
+        return "in" if prev_side < 0 < side else "out"
 
 
 class ObjectRule(Rule):
@@ -287,10 +335,15 @@ class ObjectRule(Rule):
 
     kind = "object"
 
-    def __init__(self, class_ids: Optional[set[int]] = None, new: bool = True, lost: bool = True) -> None:
-        super().__init__("", class_ids)
+    def __init__(self, class_ids: Optional[set[int]] = None, *, new: bool = True, lost: bool = True) -> None:
+        super().__init__("", class_ids=class_ids)
         self.emit_new, self.emit_lost = new, lost
         self._seen: set[int] = set()
+
+    @classmethod
+    def from_config(cls, cfg: ObjectEventsConfig, class_ids: Optional[set[int]] = None) -> ObjectRule:
+        """A camera's ``objects`` section; ``class_ids``: its ``classes`` as the detector's ids."""
+        return cls(class_ids, new=cfg.new, lost=cfg.lost)
 
     @property
     def tracked(self) -> int:
@@ -306,10 +359,10 @@ class ObjectRule(Rule):
                 self._seen.add(tid)
                 if self.emit_new and self.wants(tracks.class_id[i]):
                     obj = ctx.obj(tid, int(tracks.class_id[i]), float(tracks.score[i]), tracks.xyxy[i])
-                    events.append(ctx.event("object.new", obj))
+                    events.append(ctx.event(EventType.OBJECT_NEW, obj))
         for r in removed:
             if r.track_id in self._seen:
                 self._seen.discard(r.track_id)
                 if self.emit_lost and self.wants(r.class_id):
-                    events.append(ctx.event("object.lost", ctx.obj(r.track_id, r.class_id, r.score, r.xyxy)))
+                    events.append(ctx.event(EventType.OBJECT_LOST, ctx.obj(r.track_id, r.class_id, r.score, r.xyxy)))
         return events

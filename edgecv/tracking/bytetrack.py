@@ -127,11 +127,22 @@ class TrackerConfig:
         return int(round(self.lost_buffer_s * self.frame_rate))
 
 
+class TrackEventKind(str, enum.Enum):
+    """A lifecycle change of a confirmed track; compares equal to its value (``TrackEventKind.LOST == "lost"``).
+
+    A tracker ``LOST`` track may still come back; only ``REMOVED`` ends it (the rules' ``object.lost``).
+    """
+
+    NEW = "new"  # track confirmed
+    LOST = "lost"  # first call unmatched
+    REMOVED = "removed"  # lost for longer than the buffer: deleted
+
+
 @dataclass(frozen=True)
 class TrackEvent:
     """A lifecycle change of one confirmed track."""
 
-    kind: str  # "new" (track confirmed), "lost" (first frame unmatched), "removed" (buffer expired, was confirmed)
+    kind: TrackEventKind
     track_id: int
     class_id: int
     score: float  # last matched detection score
@@ -179,7 +190,7 @@ class _Track:
         self.class_votes[class_id] = self.class_votes.get(class_id, 0.0) + score
         self.class_id = max(self.class_votes, key=self.class_votes.__getitem__)
 
-    def event(self, kind: str) -> TrackEvent:
+    def event(self, kind: TrackEventKind) -> TrackEvent:
         x1, y1, x2, y2 = (float(v) for v in self.xyxy)
         return TrackEvent(kind, self.track_id, self.class_id, self.score, (x1, y1, x2, y2), self.hits)
 
@@ -402,7 +413,7 @@ class ByteTracker:
         track.state = _State.TRACKED
         track.track_id = self._next_id
         self._next_id += 1
-        self.events.append(track.event("new"))
+        self.events.append(track.event(TrackEventKind.NEW))
 
     def _retire(self) -> None:
         """Drop unmatched tentative tracks, mark unmatched tracked ones lost, remove expired ones."""
@@ -415,9 +426,9 @@ class ByteTracker:
                 continue
             if track.state is _State.TRACKED:
                 track.state = _State.LOST
-                self.events.append(track.event("lost"))
+                self.events.append(track.event(TrackEventKind.LOST))
             if self._frame - track.last_frame > self._lost_buffer:
-                self.events.append(track.event("removed"))
+                self.events.append(track.event(TrackEventKind.REMOVED))
                 keep[i] = False
         if not keep.all():
             self._tracks = [t for t, k in zip(self._tracks, keep) if k]
