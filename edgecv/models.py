@@ -18,24 +18,19 @@ import numpy as np
 from . import EdgecvError
 from .config import Config, ConfigError, DrivingConfig, ModelConfig, resolve_path
 from .engine.adapters import Detector
-from .engine.registry import build_detector
+from .engine.backend import Staged
+from .engine.registry import Adapter, build_detector
 from .engine.segmentation import SemanticSegmenter
 from .types import Detections, Frame, SemanticMasks
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A frame with every model's input made from it on the capture thread."""
+    """A frame made ready for every model on the capture thread (each model's backend staged it)."""
 
     frame: Frame
-    tensors: tuple[np.ndarray, ...]  # C x H x W per model (ModelSet order), ready for the engines
-    boxes: tuple[Any, ...]  # per model: its adapter's placement (Letterbox, InputRegion), handed to postprocess
+    staged: tuple[Staged, ...]  # per model (ModelSet order): its input tensor and placement, or the frame
     prep_ms: float = 0.0  # time spent preprocessing (all models)
-
-
-def gpu_preprocessed(model: Any) -> bool:
-    """Whether the model's backend letterboxes frames on the GPU (TensorRT with the kernel attached)."""
-    return getattr(model.backend, "preprocessor", None) is not None
 
 
 class ModelSet:
@@ -45,42 +40,36 @@ class ModelSet:
                  names: Optional[Sequence[str]] = None) -> None:
         self.detector = detector
         self.segmenters = list(segmenters)
-        self.all: list[Any] = [detector, *self.segmenters]
+        self.all: list[Adapter] = [detector, *self.segmenters]
         self.names = list(names) if names is not None else [Path(str(m.backend.path)).stem for m in self.all]
         if len(self.names) != len(self.all) or len(set(self.names)) != len(self.names):
             raise ValueError(f"ModelSet: expected {len(self.all)} distinct model names, got {self.names}")
         self.max_batch = max(1, min(m.backend.max_batch for m in self.all))
 
     def prepare(self, frame: Frame) -> Prepared:
-        """Every model's input for one frame (runs on the capture thread).
-
-        A model whose backend has GPU preprocessing attached (TensorRT) gets no CPU tensor here: the
-        inference thread letterboxes the frame straight into the engine's input buffer instead.
-        """
+        """Every model's input for one frame (runs on the capture thread); a backend that makes its inputs on
+        the GPU (TensorRT with the letterbox kernel) keeps the frame for the inference thread instead."""
         t0 = time.perf_counter()
-        made = [(None, None) if gpu_preprocessed(m) else m.preprocess(frame.image) for m in self.all]
-        return Prepared(frame, tuple(t for t, _ in made), tuple(b for _, b in made),
-                        (time.perf_counter() - t0) * 1000)
+        staged = tuple(m.backend.stage(frame.image, m.preprocess) for m in self.all)
+        return Prepared(frame, staged, (time.perf_counter() - t0) * 1000)
 
-    def infer(self, j: int, chunk: Sequence[Prepared]) -> tuple[list[np.ndarray], Optional[list[Any]]]:
-        """Model j's outputs for a chunk of frames, and the placements when the GPU made the inputs."""
-        model = self.all[j]
-        if gpu_preprocessed(model):
-            return model.backend.infer_images([p.frame.image for p in chunk])
-        return model.backend.infer(np.stack([p.tensors[j] for p in chunk])), None
+    def infer(self, j: int, chunk: Sequence[Prepared]) -> tuple[list[np.ndarray], list[Any]]:
+        """Model j's outputs for a chunk of frames, and each frame's placement (Letterbox, InputRegion)."""
+        return self.all[j].backend.infer_staged([p.staged[j] for p in chunk])
 
-    def decode(self, prepared: Prepared, outputs: Sequence[list[np.ndarray]],
+    def decode(self, placements: Sequence[Any], outputs: Sequence[list[np.ndarray]],
                detector: Optional[Detector] = None) -> tuple[Detections, Optional[SemanticMasks]]:
-        """The detector's Detections and the segmenters' merged masks for one frame's outputs; ``detector``
-        decodes the boxes instead of the set's own (a camera's copy with reloaded thresholds, see `retuned`)."""
-        dets = (detector or self.detector).postprocess(outputs[0], [prepared.boxes[0]])[0]
+        """The detector's Detections and the segmenters' merged masks for one frame's outputs and placements
+        (ModelSet order); ``detector`` decodes the boxes instead of the set's own (a camera's copy with reloaded
+        thresholds, see `retuned`)."""
+        dets = (detector or self.detector).postprocess(outputs[0], [placements[0]])[0]
         if not self.segmenters:
             return dets, None
-        parts = [seg.postprocess(outputs[j], [prepared.boxes[j]])[0] for j, seg in enumerate(self.segmenters, 1)]
+        parts = [seg.postprocess(outputs[j], [placements[j]])[0] for j, seg in enumerate(self.segmenters, 1)]
         return dets, SemanticMasks.merge(parts)
 
 
-Built = tuple[str, ModelConfig, Any]  # (field path, section, adapter)
+Built = tuple[str, ModelConfig, Adapter]  # (field path, section, adapter)
 
 
 def load_models(cfg: Config) -> ModelSet:

@@ -123,7 +123,7 @@ class CameraWorker:
     runs after the events of a frame were handed to the sinks (snapshots); its errors are logged, once.
     """
 
-    def __init__(self, name: str, node: str, source: Source, models: Any,
+    def __init__(self, name: str, node: str, source: Source, models: ModelSet | Detector,
                  make_tracker: Callable[[float], ByteTracker], rules: Sequence[Rule], sinks: Sequence[EventSink],
                  on_tracks: Optional[Callable[[Frame, Detections], None]] = None, queue_size: int = 8,
                  on_events: Optional[EventsHook] = None,
@@ -232,13 +232,14 @@ class CameraWorker:
             log.error("camera %s: giving up: %s", self.name, self.failed)
             self.source.fail(self.failed)
 
-    def process(self, prepared: Prepared, outputs: Sequence[list[np.ndarray]]) -> None:
-        """One frame: ``outputs`` holds each model's outputs (ModelSet order) for this frame only."""
+    def process(self, prepared: Prepared, placements: Sequence[Any], outputs: Sequence[list[np.ndarray]]) -> None:
+        """One frame: ``outputs`` holds each model's outputs (ModelSet order) for this frame only, ``placements``
+        where the frame sits in each model's input."""
         t0 = time.perf_counter()
         frame = prepared.frame
         if self._handoff is not None:  # a reload: from this frame on, decoding included
             self._apply_reconfigure()
-        dets, semantic = self.models.decode(prepared, outputs, self.decoder)
+        dets, semantic = self.models.decode(placements, outputs, self.decoder)
         for n in self.model_frames:
             self.model_frames[n] += 1
         t1 = time.perf_counter()
@@ -297,7 +298,7 @@ class InferenceWorker:
     """The inference thread: takes ready frames from every camera, runs every model on them in batches,
     hands each frame with all its models' outputs to its camera worker."""
 
-    def __init__(self, models: Any, workers: dict[str, CameraWorker], notify: threading.Event,
+    def __init__(self, models: ModelSet | Detector, workers: dict[str, CameraWorker], notify: threading.Event,
                  max_frames: Optional[int] = None, failure_limit: int = 50) -> None:
         self.models: ModelSet = models if isinstance(models, ModelSet) else ModelSet(models)
         self.detector = self.models.detector
@@ -347,31 +348,28 @@ class InferenceWorker:
                 return False
         return True
 
-    def _infer(self, chunk: Sequence[Prepared]) -> tuple[list[list[np.ndarray]], dict[int, list[Any]]]:
-        """Every model's outputs for a chunk of frames, and the placements where the GPU made the inputs."""
+    def _infer(self, chunk: Sequence[Prepared]) -> tuple[list[list[np.ndarray]], list[list[Any]]]:
+        """Every model's outputs for a chunk of frames, and each frame's placement, per model."""
         per_model: list[list[np.ndarray]] = []
+        placements: list[list[Any]] = []
         total = 0.0
-        gpu_boxes: dict[int, list[Any]] = {}
         for j, name in enumerate(self.models.names):
             t0 = time.perf_counter()
-            outputs, boxes = self.models.infer(j, chunk)
+            outputs, where = self.models.infer(j, chunk)
             per_model.append(outputs)
-            if boxes is not None:
-                gpu_boxes[j] = boxes
+            placements.append(where)
             ms = (time.perf_counter() - t0) * 1000 / len(chunk)
             self.model_ms[name].add(ms)
             total += ms
         self.infer_ms.add(total)
-        return per_model, gpu_boxes
+        return per_model, placements
 
     def _hand_over(self, items: Sequence[tuple[CameraWorker, Prepared]], per_model: list[list[np.ndarray]],
-                   gpu_boxes: dict[int, list[Any]]) -> None:
+                   placements: list[list[Any]]) -> None:
         for i, (w, p) in enumerate(items):
-            if gpu_boxes:
-                p = replace(p, boxes=tuple(gpu_boxes[j][i] if j in gpu_boxes else b for j, b in enumerate(p.boxes)))
             self._counts[w.name] += 1
             self.frames += 1
-            w.queue.put((p, [[o[i:i + 1] for o in outputs] for outputs in per_model]))
+            w.queue.put((p, [where[i] for where in placements], [[o[i:i + 1] for o in outputs] for outputs in per_model]))
 
     def _run_chunk(self, items: Sequence[tuple[CameraWorker, Prepared]]) -> bool:
         """Infer a chunk and hand its frames on. When inference fails, a chunk of several frames is tried again
@@ -379,7 +377,7 @@ class InferenceWorker:
         dropped and counted, the failure logged once per distinct message. Returns False once inference has
         failed ``failure_limit`` frames in a row: the pipeline has failed."""
         try:
-            per_model, gpu_boxes = self._infer([p for _, p in items])
+            per_model, placements = self._infer([p for _, p in items])
         except Exception as e:
             if len(items) > 1:
                 return all(self._run_chunk([item]) for item in items)
@@ -400,7 +398,7 @@ class InferenceWorker:
                 return False
             return True
         self.failures_in_a_row = 0
-        self._hand_over(items, per_model, gpu_boxes)
+        self._hand_over(items, per_model, placements)
         return True
 
     def _run(self) -> None:
@@ -425,7 +423,7 @@ class InferenceWorker:
 class Pipeline:
     """Everything between the sources and the sinks, for one config."""
 
-    def __init__(self, cfg: Config, detector: Any, sinks: Sequence[EventSink],
+    def __init__(self, cfg: Config, detector: ModelSet | Detector, sinks: Sequence[EventSink],
                  max_frames: Optional[int] = None,
                  on_tracks: Optional[Callable[[str, Frame, Detections], None]] = None,
                  on_state: Optional[Callable[[str, str, str], None]] = None,

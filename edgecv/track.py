@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import yaml
 
 from . import EdgecvError, UsageError
 from .config import Config, ConfigError, parse
+from .engine.adapters import Detector
 from .models import ModelSet, load_models
 from .pipeline import EventSink, Pipeline
 from .types import Detections, Frame
@@ -146,7 +147,7 @@ def load_offline_models(cfg: Config, cli: bool = False) -> ModelSet:
         raise UsageError("; ".join(_cli_names(p) if cli else p for p in e.problems)) from None
 
 
-def run_offline(cfg: Config, models: Any, camera: str, sinks: Sequence[EventSink] = (),
+def run_offline(cfg: Config, models: ModelSet | Detector, camera: str, sinks: Sequence[EventSink] = (),
                 on_tracks: Optional[Callable[[Frame, Detections], None]] = None,
                 on_detections: Optional[Callable[[Frame, Detections], None]] = None,
                 max_frames: Optional[int] = None) -> OfflineRun:

@@ -146,10 +146,10 @@ def test_a_retuned_detector_decodes_with_the_new_thresholds_and_leaves_the_share
     cap.release()
     assert ok
     prepared = models.prepare(Frame(camera="c", index=1, t_mono=0.0, t_wall=0.0, image=image))
-    outputs = [models.infer(0, [prepared])[0]]
-    before, _ = models.decode(prepared, outputs)
+    outputs, placements = models.infer(0, [prepared])
+    before, _ = models.decode(placements, [outputs])
     strict = retuned(detector, cfg(BASE, **{"model.conf": 0.7, "model.classes": ["person"]}).models[0])
-    after, _ = models.decode(prepared, outputs, strict)
+    after, _ = models.decode(placements, [outputs], strict)
     assert len(before) > len(after) > 0
     assert after.score.min() >= 0.7 and set(after.class_id.tolist()) == {0}
     assert before.score.min() < 0.7 and detector.conf == 0.3 and detector.class_filter is None

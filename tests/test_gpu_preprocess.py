@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,13 @@ from edgecv.engine.gpu_preprocess import (
     KERNEL_SOURCE,
     GpuPreprocessor,
     KernelParams,
-    detector_style,
     kernel_params,
     letterbox_geometry,
     put_nvcc_on_path,
     reference_kernel,
     reference_preprocess,
 )
-from edgecv.engine.ops import letterbox
+from edgecv.engine.ops import InputSpec, letterbox
 
 YOLOX = ASSETS / "models" / "yolox_nano.onnx"
 YOLOV8 = ASSETS / "models" / "yolov8n_int8.onnx"
@@ -84,7 +84,7 @@ def detectors() -> dict[str, Any]:
 @pytest.mark.parametrize("family", ["yolox", "yolov8"])
 def test_reference_matches_opencv_preprocess_on_real_frames(family: str, detectors: dict) -> None:
     detector = detectors[family]
-    style = detector_style(detector)
+    style = asdict(detector.input_spec)
     unit = 1.0 / style["scale"]  # back to 0-255 units
     for name, frame in real_frames():
         want, want_box = detector.preprocess(frame)
@@ -110,8 +110,8 @@ def test_reference_styles_channel_order_and_scale(detectors: dict) -> None:
     rgb, _ = reference_preprocess(image, (8, 8), center=True, rgb=True, scale=1 / 255)
     assert bgr[:, 0, 0].tolist() == [10, 20, 30]
     np.testing.assert_allclose(rgb[:, 4, 4], np.array([30, 20, 10], np.float32) / 255, rtol=1e-6)
-    assert detector_style(detectors["yolox"]) == {"size": (416, 416), "center": False, "rgb": False, "scale": 1.0}
-    assert detector_style(detectors["yolov8"]) == {"size": (640, 640), "center": True, "rgb": True, "scale": 1 / 255}
+    assert detectors["yolox"].input_spec == InputSpec((416, 416), center=False, rgb=False, scale=1.0, pad_value=114)
+    assert detectors["yolov8"].input_spec == InputSpec((640, 640), center=True, rgb=True, scale=1 / 255, pad_value=114)
 
 
 def test_reference_is_an_exact_copy_when_no_resize_is_needed() -> None:
@@ -253,10 +253,10 @@ def test_gpu_preprocessor_passes_frames_and_geometry_to_the_kernel(fake_gpu: Any
     cuda, kernel = fake_gpu
     for family in ("yolox", "yolov8"):
         detector = detectors[family]
-        pre = GpuPreprocessor.for_detector(detector, cuda=cuda)
+        pre = GpuPreprocessor.for_spec(detector.input_spec, cuda=cuda)
         for name, frame in real_frames()[:3] + [("strided", real_frames()[0][1][::2, ::2])]:
             box = pre(frame)
-            want, want_box = reference_preprocess(np.ascontiguousarray(frame), **detector_style(detector))
+            want, want_box = reference_preprocess(np.ascontiguousarray(frame), **asdict(detector.input_spec))
             assert box == want_box, name
             np.testing.assert_array_equal(pre.download(), want)
         assert pre.nbytes == 3 * detector.input_size[0] * detector.input_size[1] * 4
@@ -275,7 +275,9 @@ def test_infer_images_runs_the_engine_on_gpu_preprocessed_frames(fake_gpu: Any, 
     engine = ort_engine(YOLOX, "trt10", cuda)
     backend = TensorRTBackend.from_engine(engine, cuda, cuda.Stream(), cuda.Context(), YOLOX, onnx_metadata(YOLOX))
     detector = YoloxDetector(backend, conf=0.3)
-    assert backend.attach_preprocessor(detector) is backend.preprocessor is not None
+    assert not backend.makes_inputs
+    backend.attach(detector.input_spec)
+    assert backend.makes_inputs and backend.preprocessor is not None
     cpu = detectors["yolox"]
     for frame in vtest_frames(3):
         outputs, boxes = backend.infer_images([frame])
@@ -391,7 +393,7 @@ def test_pipeline_uses_gpu_preprocessing_when_the_backend_has_it(fake_gpu: Any, 
     engine = ort_engine(YOLOX, "trt10", cuda)
     backend = TensorRTBackend.from_engine(engine, cuda, cuda.Stream(), cuda.Context(), YOLOX, onnx_metadata(YOLOX))
     gpu_detector = YoloxDetector(backend, conf=0.35)
-    backend.attach_preprocessor(gpu_detector)
+    backend.attach(gpu_detector.input_spec)
     cfg = parse({"node_id": "g", "mqtt": {"enabled": False}, "console": {"enabled": False},
                  "model": {"path": str(YOLOX)},
                  "cameras": {"cam": {"source": str(ASSETS / "media" / "vtest.avi"), "realtime": False}}})
@@ -406,7 +408,8 @@ def test_pipeline_uses_gpu_preprocessing_when_the_backend_has_it(fake_gpu: Any, 
 
     gpu_tracks, gpu_prepared = run(ModelSet(gpu_detector))
     cpu_tracks, cpu_prepared = run(ModelSet(YoloxDetector(detectors["yolox"].backend, conf=0.35)))
-    assert gpu_prepared.tensors == (None,) and cpu_prepared.tensors[0].shape == (3, 416, 416)
+    assert gpu_prepared.staged[0].tensor is None and gpu_prepared.staged[0].image is not None
+    assert cpu_prepared.staged[0].tensor.shape == (3, 416, 416)
     assert len(gpu_tracks) == len(cpu_tracks) == 12
     assert kernel.launches, "the inference thread ran the GPU letterbox kernel"
     same = sum(gpu_tracks[i] == cpu_tracks[i] for i in cpu_tracks)

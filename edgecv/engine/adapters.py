@@ -13,6 +13,7 @@ threads at once (``detect`` too, as far as the backend allows).
 from __future__ import annotations
 
 import abc
+import functools
 import ast
 import logging
 import warnings
@@ -24,7 +25,7 @@ import numpy as np
 from edgecv import EdgecvError, EdgecvWarning
 from edgecv.engine.backend import Backend, format_shape
 from edgecv.engine.coco import COCO_NAMES
-from edgecv.engine.ops import Letterbox, cxcywh_to_xyxy, letterbox, nms, to_chw
+from edgecv.engine.ops import InputSpec, Letterbox, cxcywh_to_xyxy, nms
 from edgecv.types import Detections
 
 log = logging.getLogger("edgecv.engine")
@@ -172,17 +173,17 @@ class Detector(abc.ABC):
             )
         return [index[n] for n in names]
 
+    @functools.cached_property
+    def input_spec(self) -> InputSpec:
+        """How frames become this model's input: what a backend needs to make it itself."""
+        return InputSpec(self.input_size, self._center, self._rgb, self._scale)
+
     def preprocess(self, image: np.ndarray, out: Optional[np.ndarray] = None) -> tuple[np.ndarray, Letterbox]:
         """Letterbox and normalise a BGR uint8 image into a (3, H, W) float32 tensor.
 
         Writes into ``out`` when given (e.g. one slot of a batch array), else a new array.
         """
-        w, h = self.input_size
-        canvas, box = letterbox(image, self.input_size, center=self._center)
-        if out is None:
-            out = np.empty((3, h, w), dtype=np.float32)
-        to_chw(canvas, out, scale=self._scale, swap_rb=self._rgb)
-        return out, box
+        return self.input_spec.make(image, out)
 
     def postprocess(self, outputs: list[np.ndarray], boxes: list[Letterbox]) -> list[Detections]:
         """Detections for the first ``len(boxes)`` batch items of ``outputs``, in source pixels."""

@@ -11,11 +11,13 @@ import abc
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from edgecv import EdgecvError
+from edgecv.engine.ops import InputSpec
 
 DYNAMIC_MAX_BATCH = 16
 """Largest batch sent to a model whose batch dimension is dynamic."""
@@ -35,12 +37,30 @@ def format_shape(shape: Sequence[int]) -> str:
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
 
+Preprocess = Callable[[np.ndarray], tuple[np.ndarray, Any]]
+"""An adapter's CPU preprocessing: BGR frame -> (C, H, W) input tensor, placement (Letterbox, InputRegion)."""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """One frame made ready for one model on the capture thread (:meth:`Backend.stage`): its input tensor and
+    placement, or, for a backend that makes the input on its device, the frame itself."""
+
+    tensor: Optional[np.ndarray] = None
+    placement: Any = None
+    image: Optional[np.ndarray] = None
+
+
 class Backend(abc.ABC):
     """Runs one model with a single image-like input.
 
     Attributes are fixed once the model is loaded. Dynamic dimensions are -1.
     ``max_batch`` is the largest batch ``infer`` accepts: the fixed batch size,
     or :data:`DYNAMIC_MAX_BATCH` when the batch dimension is dynamic.
+
+    Frames reach a model in two steps, so that a backend may make the input tensors itself (TensorRT letterboxes
+    on the GPU): :meth:`stage` on the capture thread, :meth:`infer_staged` on the inference thread. By default
+    the adapter's CPU preprocessing runs in :meth:`stage` and :meth:`infer_staged` stacks the tensors.
     """
 
     name: str  # backend kind: "onnxruntime", later "tensorrt"
@@ -57,6 +77,24 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
         """Run the model on ``batch`` (1..max_batch items); outputs in ``output_names`` order."""
+
+    def attach(self, spec: Optional[InputSpec]) -> None:
+        """Told how the adapter makes its input (None: not a letterbox the backend could make); a backend that
+        makes inputs on its device prepares for it. The default makes them on the CPU: nothing to do."""
+
+    @property
+    def makes_inputs(self) -> bool:
+        """Whether this backend makes the input tensors from the frames itself (on its device)."""
+        return False
+
+    def stage(self, image: np.ndarray, preprocess: Preprocess) -> Staged:
+        """Make a frame ready for this model (capture thread): by default the adapter's CPU preprocessing."""
+        tensor, placement = preprocess(image)
+        return Staged(tensor, placement)
+
+    def infer_staged(self, items: Sequence[Staged]) -> tuple[list[np.ndarray], list[Any]]:
+        """Run the model on staged frames (1..max_batch); the outputs and each frame's placement."""
+        return self.infer(np.stack([s.tensor for s in items])), [s.placement for s in items]
 
     def _check_batch(self, batch: np.ndarray) -> np.ndarray:
         """Validate ``batch`` against the input spec; return it contiguous in the input dtype."""

@@ -42,7 +42,7 @@ from typing import Any, Optional
 import numpy as np
 
 from edgecv import EdgecvError
-from edgecv.engine.ops import PAD_VALUE, Letterbox
+from edgecv.engine.ops import PAD_VALUE, InputSpec, Letterbox
 from edgecv.engine.trt_env import first_line, import_pycuda
 
 log = logging.getLogger("edgecv.engine")
@@ -222,16 +222,6 @@ def reference_preprocess(
     return reference_kernel(image, params), params.letterbox
 
 
-def detector_style(detector: Any) -> dict[str, Any]:
-    """The preprocessing style of a model adapter: input size, placement, channel order, scale."""
-    return {
-        "size": tuple(detector.input_size),
-        "center": bool(detector._center),
-        "rgb": bool(detector._rgb),
-        "scale": float(detector._scale),
-    }
-
-
 class GpuPreprocessor:
     """Runs :data:`KERNEL_SOURCE` through pycuda: ``__call__(image, dst) -> Letterbox``.
 
@@ -268,9 +258,9 @@ class GpuPreprocessor:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_detector(cls, detector: Any, **kwargs: Any) -> "GpuPreprocessor":
-        """A preprocessor with the adapter's own style (size, placement, channel order, scale)."""
-        return cls(**detector_style(detector), **kwargs)
+    def for_spec(cls, spec: InputSpec, **kwargs: Any) -> "GpuPreprocessor":
+        """A preprocessor making the input an adapter describes (size, placement, channel order, scale, pad)."""
+        return cls(spec.size, spec.center, spec.rgb, spec.scale, spec.pad_value, **kwargs)
 
     @property
     def nbytes(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -31,6 +32,27 @@ class Letterbox:
         out /= np.float32(self.scale)
         np.clip(out, 0.0, np.array([self.src_w, self.src_h, self.src_w, self.src_h], dtype=np.float32), out=out)
         return out
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a frame becomes a letterbox model's input tensor: what a backend needs to make it itself (on the CPU by
+    default, on the GPU with TensorRT) without knowing the model adapter."""
+
+    size: tuple[int, int]  # (w, h) of the model input
+    center: bool  # image centred in the canvas (Ultralytics), else at the top-left (YOLOX)
+    rgb: bool  # the model wants RGB (the frames are BGR)
+    scale: float  # pixel value multiplier: 1 for 0-255 input, 1/255 for 0-1
+    pad_value: int = PAD_VALUE  # grey around the image, before scaling
+
+    def make(self, image: np.ndarray, out: Optional[np.ndarray] = None) -> tuple[np.ndarray, Letterbox]:
+        """The (3, H, W) float32 tensor of a BGR uint8 image (written into ``out`` when given) and its placement."""
+        w, h = self.size
+        canvas, box = letterbox(image, self.size, center=self.center, pad_value=self.pad_value)
+        if out is None:
+            out = np.empty((3, h, w), dtype=np.float32)
+        to_chw(canvas, out, scale=self.scale, swap_rb=self.rgb)
+        return out, box
 
 
 def letterbox(

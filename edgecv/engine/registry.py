@@ -151,6 +151,5 @@ def build_detector(
     engine = open_backend(path, backend, threads, build)
     chosen = infer_family(engine) if family == "auto" else family
     adapter = FAMILIES[chosen](engine, conf=conf, iou=iou, classes=classes, names=names, max_det=max_det)
-    if engine.name == "tensorrt":
-        engine.attach_preprocessor(adapter)  # GPU letterbox kernel (logs why not, and keeps the CPU path)
+    engine.attach(adapter.input_spec)  # TensorRT: the GPU letterbox kernel (logs why not, keeps the CPU path)
     return adapter

@@ -207,6 +207,7 @@ class SemanticSegmenter:
     expected_output: ClassVar[str] = "one or more (1, K, h, w) class score maps with K >= 2"
     _rgb: ClassVar[bool] = True
     _scale: ClassVar[float] = 1.0 / 255.0
+    input_spec: ClassVar[None] = None  # its own resize (stretch or letterbox into a region): CPU preprocessing only
 
     def __init__(
         self,

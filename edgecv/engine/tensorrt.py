@@ -39,10 +39,10 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from edgecv import EdgecvError
-from edgecv.engine.adapters import Detector
-from edgecv.engine.backend import Backend, format_shape
+from edgecv.engine.backend import Backend, Preprocess, Staged, format_shape
 from edgecv.engine.cache import ENGINE_SUFFIXES, onnx_metadata, read_sidecar
 from edgecv.engine.gpu_preprocess import GpuPreprocessor
+from edgecv.engine.ops import InputSpec
 from edgecv.engine.trt_build import ensure_engine
 from edgecv.engine.trt_env import (
     Importer,
@@ -583,28 +583,44 @@ class TensorRTBackend(Backend):
             outputs = self._execute(self._run_shape(n))
         return [o[:n] for o in outputs]
 
-    def attach_preprocessor(self, detector: Any) -> Any:
-        """Compile the letterbox kernel for ``detector``'s style, on this engine's stream; None if it cannot.
+    def attach(self, spec: Optional[InputSpec]) -> None:
+        """Compile the letterbox kernel for the adapter's input ``spec``, on this engine's stream; from then on
+        frames are letterboxed on the GPU straight into the input buffer (:meth:`stage`, :meth:`infer_staged`).
 
-        Needs a box-detector adapter (letterbox preprocessing) and a float32 input of fixed
-        size; when it is not used, the reason is logged and the CPU path stays.
+        Needs a letterbox input (``spec``) and a float32 engine input of fixed size; when the kernel is not
+        used, the reason is logged and the CPU path stays.
         """
-        if not isinstance(detector, Detector):
-            log.info("GPU preprocessing not used: %s preprocesses on the CPU", type(detector).__name__)
-            return None
+        self.preprocessor = None
+        if spec is None:
+            log.info("GPU preprocessing not used: the model's input is not a letterbox; preprocessing on the CPU")
+            return
         if self.input_dtype != np.float32 or any(d < 0 for d in self._input.shape[1:]):
             log.info("GPU preprocessing not used: the engine input is %s %s (needs fixed-size float32)",
                      self.input_dtype, format_shape(self._input.shape))
-            return None
+            return
         try:
             with self._active():
-                self.preprocessor = GpuPreprocessor.for_detector(detector, stream=self._stream, cuda=self._cuda)
+                self.preprocessor = GpuPreprocessor.for_spec(spec, stream=self._stream, cuda=self._cuda)
         except Exception as exc:  # EdgecvError (no nvcc...) or a pycuda error: keep the CPU path
             log.warning("GPU preprocessing not used, preprocessing on the CPU: %s", first_line(exc))
             self.preprocessor = None
         else:
             log.info("GPU preprocessing: letterbox kernel writes into the TensorRT input buffer")
-        return self.preprocessor
+
+    @property
+    def makes_inputs(self) -> bool:
+        return self.preprocessor is not None
+
+    def stage(self, image: np.ndarray, preprocess: Preprocess) -> Staged:
+        """With the kernel attached the capture thread makes no tensor: the frame goes to :meth:`infer_staged`."""
+        if self.preprocessor is None:
+            return super().stage(image, preprocess)
+        return Staged(image=image)
+
+    def infer_staged(self, items: Sequence[Staged]) -> tuple[list[np.ndarray], list[Any]]:
+        if self.preprocessor is None:
+            return super().infer_staged(items)
+        return self.infer_images([s.image for s in items])
 
     def infer_images(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[Any]]:
         """GPU-preprocess up to ``max_batch`` BGR frames into the input buffer and run the engine.
@@ -612,7 +628,7 @@ class TensorRTBackend(Backend):
         Returns (outputs, Letterbox per image), as ``Detector.postprocess`` takes them.
         """
         if self.preprocessor is None:
-            raise EdgecvError(f"model {self.path}: GPU preprocessing is not attached (attach_preprocessor)")
+            raise EdgecvError(f"model {self.path}: GPU preprocessing is not attached (attach)")
         n = len(images)
         if not 1 <= n <= self.max_batch:
             raise EdgecvError(f"model {self.path}: expected 1..{self.max_batch} images, got {n}")
