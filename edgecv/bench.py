@@ -23,7 +23,24 @@ import cv2
 import numpy as np
 
 from . import EdgecvError, assets
-from .config import resolve_path
+from .config import ConfigError, load, parse, resolve_path
+from .engine.bench import bench_model
+from .engine.registry import build_detector
+from .evaluation.compare import (
+    compare_suite,
+    comparison_table,
+    default_peers_python,
+    summary_table,
+)
+from .evaluation.runner import RunSpec
+from .evaluation.variants import read_frames
+from .models import load_models
+from .pipeline import CameraWorker, Pipeline, build_rules, tracker_config
+from .sources.capture import make_source
+from .track import track_video
+from .tracking.bytetrack import ByteTracker, bench_tracker
+from .tracking.motion import CameraMotion
+from .types import Frame, SemanticMasks
 
 
 def _table(rows: list[tuple[str, str]], title: str) -> str:
@@ -68,12 +85,6 @@ DRIVING_CONFIG: dict[str, Any] = {
 
 def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) -> list[tuple[str, str]]:
     """Rows of the driving benchmark (see the module docstring)."""
-    from .config import ConfigError, load, parse
-    from .models import load_models
-    from .pipeline import CameraWorker, Pipeline, build_rules, tracker_config
-    from .sources.capture import make_source
-    from .tracking.bytetrack import ByteTracker
-    from .types import Frame, SemanticMasks
 
     try:
         cfg = load(config) if config else parse(DRIVING_CONFIG, "built-in driving config")
@@ -173,9 +184,6 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
 def bench_tracker_rows(video: Optional[Path], frames: int) -> list[tuple[str, str]]:
     """Tracker time per frame (median) at 10 and 50 objects, without and with camera-motion compensation
     on the video's frames, and the compensation alone."""
-    from .evaluation.variants import read_frames
-    from .tracking.bytetrack import bench_tracker
-    from .tracking.motion import CameraMotion
 
     rows = []
     n = max(100, min(frames, 500))
@@ -201,8 +209,6 @@ def bench_tracker_rows(video: Optional[Path], frames: int) -> list[tuple[str, st
 
 
 def run_bench_trackers(args: argparse.Namespace) -> int:
-    from .evaluation.compare import compare_suite, comparison_table, default_peers_python, summary_table
-    from .evaluation.runner import RunSpec
 
     if not args.suite:
         raise EdgecvError("bench trackers: --suite DIR is required (sequence folders with video.* and gt.txt)")
@@ -232,9 +238,6 @@ def run_bench(args: argparse.Namespace) -> int:
         rows += bench_driving(getattr(args, "config", None), args.frames, args.threads)
         print(_table(rows, "edgecv bench driving"))
         return 0
-    from .engine.bench import bench_model
-    from .engine.registry import build_detector
-    from .track import track_video
 
     model = assets.resolve(args.model)
     video = assets.resolve(args.video)

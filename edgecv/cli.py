@@ -10,7 +10,28 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import EdgecvError, UsageError, __version__
+from . import EdgecvError, UsageError, __version__, assets
+from .assets import resolve
+from .bench import run_bench
+from .config import ConfigError, load
+from .daemon import Signals, run, setup_logging
+from .engine.registry import calibration_detector
+from .engine.trt_build import build_engine
+from .evaluation.runner import (
+    RunSpec,
+    evaluate,
+    evaluate_suite,
+    events_table,
+    metrics_table,
+    pooled_events,
+    score_results,
+    to_json,
+)
+from .evaluation.variants import DEFAULT_VARIANTS, PanSettings, make_variants
+from .models import load_detector
+from .soak import run_soak
+from .sources.base import quiet_native_logs
+from .track import track_video
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
@@ -27,8 +48,6 @@ def _config_problems(problems: Sequence[str]) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load
-    from .models import load_detector
 
     try:
         cfg = load(args.config)
@@ -41,8 +60,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load
-    from .daemon import Signals, run, setup_logging
 
     setup_logging("info")
     signals = Signals().install(reload=True)  # before anything else: a signal is never fatal, even now
@@ -68,7 +85,6 @@ def _classes(text: Optional[str]) -> Optional[list[str]]:
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    from .track import track_video
 
     classes = _classes(args.classes)
     if args.max_frames is not None and args.max_frames < 1:
@@ -86,16 +102,6 @@ def cmd_track(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.runner import (
-        RunSpec,
-        evaluate,
-        evaluate_suite,
-        events_table,
-        metrics_table,
-        pooled_events,
-        score_results,
-        to_json,
-    )
 
     listed = _classes(args.classes)
     classes = tuple(listed) if listed else None
@@ -133,7 +139,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_variants(args: argparse.Namespace) -> int:
-    from .evaluation.variants import DEFAULT_VARIANTS, PanSettings, make_variants
 
     specs = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else list(DEFAULT_VARIANTS)
     settings = PanSettings(seed=args.seed)
@@ -148,20 +153,16 @@ def cmd_variants(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "soak":
-        from .config import ConfigError
-        from .soak import run_soak
 
         try:
             return run_soak(args)
         except ConfigError as e:
             return _config_problems(e.problems)
-    from .bench import run_bench
 
     return run_bench(args)
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
-    from . import assets
 
     print("asset folders searched: " + ", ".join(str(r) for r in assets.asset_roots()))
     missing = 0
@@ -184,9 +185,6 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from .assets import resolve
-    from .engine.registry import calibration_detector
-    from .engine.trt_build import build_engine
 
     model = resolve(args.model) or Path(args.model)
     result = build_engine(model, output=args.output, precision=args.precision, max_batch=args.max_batch,
@@ -307,8 +305,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack (diagnosing a stuck daemon)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = build_parser().parse_args(argv)
-    from .daemon import setup_logging
-    from .sources.base import quiet_native_logs
 
     # every command logs in one format, warnings (NumPy's RuntimeWarning, EdgecvWarning) included, one line
     # each: no raw, multi-line stderr; `run` sets the config's level once the config is read

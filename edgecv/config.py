@@ -11,16 +11,27 @@ import math
 import os
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
-
-from .types import DETECTOR_FAMILIES, SEGMENTER_FAMILIES  # the one list of families; the engine maps them
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from . import assets
-from .types import ANCHORS
+from .types import (  # the one list of families; the engine maps them
+    ANCHORS,
+    DETECTOR_FAMILIES,
+    SEGMENTER_FAMILIES,
+)
 
 NAME_RE = r"^[A-Za-z0-9_-]{1,64}$"
 SECRET_KEYS = ("password", "username", "secret", "token")
@@ -785,7 +796,6 @@ def redact(text: str, *locations: str) -> str:
 
 def reference_markdown() -> str:
     """The configuration reference (README) generated from the models' fields and descriptions."""
-    import typing
 
     rows: list[str] = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
 

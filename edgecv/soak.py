@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from . import EdgecvError
+from .config import load
+from .daemon import Daemon, Signals, setup_logging
 
 log = logging.getLogger("edgecv.soak")
 
@@ -146,8 +148,6 @@ class _Probe:
 
 def soak(config: str, duration_s: float, interval_s: float = 10.0, warmup_s: Optional[float] = None,
          out: Optional[str] = None, bounds: Optional[Bounds] = None, stream: TextIO = sys.stdout) -> int:
-    from .config import load
-    from .daemon import Daemon, Signals, setup_logging
 
     if duration_s <= 0 or interval_s <= 0:
         raise EdgecvError("--duration and --interval: expected positive numbers of seconds")

@@ -49,3 +49,15 @@ def test_no_private_names_cross_modules() -> None:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("edgecv.engine", "engine")):
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"{path}:{node.lineno}: imports private {private} from {node.module}"
+
+
+def test_no_import_inside_functions_anywhere_but_optional_packages() -> None:
+    """Outside the engine too: every import at module level, except optional dependencies, each said so."""
+    for path in sorted((REPO / "edgecv").rglob("*.py")):
+        source = path.read_text(encoding="utf-8").splitlines()
+        for name, line, in_function in imports(path):
+            if not in_function:
+                continue
+            where = f"{path.relative_to(REPO)}:{line}: {name}"
+            assert name.split(".")[0] in (*LAZY_OK, "motmetrics"), f"{where}: imported inside a function"
+            assert "#" in source[line - 1], f"{where}: a lazy import says why (comment)"

@@ -40,7 +40,7 @@ METRICS = (
 
 def _motmetrics() -> Any:
     try:
-        import motmetrics
+        import motmetrics  # lazy: an optional dependency (the `eval` extra), needed by `edgecv eval` only
     except ImportError:
         raise EdgecvError("edgecv eval needs motmetrics: pip install 'edgecv[eval]'") from None
     return motmetrics
