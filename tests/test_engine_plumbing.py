@@ -29,6 +29,7 @@ from edgecv.engine import (
     load_labels,
 )
 from edgecv.engine.ops import box_iou, cxcywh_to_xyxy, letterbox, nms
+from edgecv.engine.trt_build import fields_of, onnx_input_shape
 
 Dim = Union[int, str]
 SIZE = 64  # model input is SIZE x SIZE; YOLOX strides 8/16/32 give 64 + 16 + 4 anchors
@@ -493,3 +494,21 @@ def test_bench_model_reports_timings(yolov8_model: Path) -> None:
     assert report["frame_size"] == [1280, 720] and report["runs"] == 3
     for key in ("infer_ms", "preprocess_ms", "postprocess_ms", "frame_ms", "infer_fps", "frame_fps"):
         assert report[key] > 0
+
+
+def test_fields_of_reads_one_protobuf_field_lazily_and_onnx_input_shape_uses_it(tmp_path: Path) -> None:
+    message = b"\x08\x05" + b"\x12\x01a" + b"\x12\x01b" + b"\x12\x05x"  # 1: 5, 2: "a", 2: "b", 2: truncated
+    values = fields_of(message, 2, 2)
+    assert [next(values), next(values)] == [b"a", b"b"]  # read up to what is asked for
+    with pytest.raises(ValueError, match="truncated field"):
+        next(values)
+    assert next(fields_of(message, 1, 0)) == 5
+    assert list(fields_of(message[:5], 2, 0)) == []  # field 2 has wire type 2, not 0
+    images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    weight = helper.make_tensor_value_info("w", TensorProto.FLOAT, [3, 1, 1])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    init = numpy_helper.from_array(np.ones((3, 1, 1), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Mul", ["images", "w"], ["y"])], "g", [images, weight], [out], [init])
+    path = tmp_path / "init_input.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    assert onnx_input_shape(path) == ("images", (-1, 3, 8, 8))  # an initializer listed as input is no input

@@ -4,9 +4,10 @@ On any machine: the numpy reference of the kernel (same coordinate math, same fl
 rounding order) is compared with ``Detector.preprocess`` (OpenCV) on real frames for both
 letterbox styles; the kernel source is compiled to PTX with nvcc when nvcc is installed
 (no GPU needed); ``GpuPreprocessor`` and ``TensorRTBackend.infer_images`` are driven with a
-fake CUDA whose "kernel" is the numpy reference, to check the arguments and buffers they
-pass. On a GPU machine: the real kernel, through pycuda and through CuPy, must equal the
-reference bit for bit.
+fake CUDA whose "kernel" is the numpy reference (and a fake engine that only records its
+input), to check the arguments and buffers they pass; the pipeline runs with a backend that
+makes its own inputs from the frames (the seam TensorRT's GPU preprocessing uses). On a GPU
+machine: the real kernel, through pycuda and through CuPy, must equal the reference bit for bit.
 
 Tolerance against OpenCV (0-255 units): max |diff| <= 1 (OpenCV resizes in fixed point with
 11-bit weights, the kernel in float), mean |diff| <= 0.15, padding identical.
@@ -19,9 +20,10 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -29,7 +31,7 @@ import pytest
 from conftest import ASSETS, REPO
 
 from edgecv.engine import YoloxDetector, Yolov8Detector
-from edgecv.engine.backend import OnnxRuntimeBackend
+from edgecv.engine.backend import Backend, OnnxRuntimeBackend, Staged
 from edgecv.engine.gpu_preprocess import (
     KERNEL_NAME,
     KERNEL_SOURCE,
@@ -264,31 +266,42 @@ def test_gpu_preprocessor_passes_frames_and_geometry_to_the_kernel(fake_gpu: Any
         pre(np.zeros((8, 8), np.uint8))
 
 
-def test_infer_images_runs_the_engine_on_gpu_preprocessed_frames(fake_gpu: Any, detectors: dict) -> None:
-    """YOLOX through TensorRTBackend.infer_images (kernel -> input buffer -> engine) = the CPU path."""
-    from test_tensorrt import ort_engine
+def test_infer_images_letterboxes_into_the_engine_input_buffer(fake_gpu: Any, detectors: dict) -> None:
+    """TensorRTBackend.infer_images: the kernel writes each frame into its slot of the engine's input buffer, a
+    short batch on a fixed-batch engine is zero-padded on the device, the letterboxes come back. The fake engine
+    records the input it finds on the device and returns its per-item mean; it computes nothing else."""
+    from test_tensorrt import Tensor, fake_backend
 
-    from edgecv.engine.cache import onnx_metadata
-    from edgecv.engine.tensorrt import TensorRTBackend
+    from edgecv import EdgecvError
 
     cuda, kernel = fake_gpu
-    engine = ort_engine(YOLOX, "trt10", cuda)
-    backend = TensorRTBackend.from_engine(engine, cuda, cuda.Stream(), cuda.Context(), YOLOX, onnx_metadata(YOLOX))
-    detector = YoloxDetector(backend, conf=0.3)
-    assert not backend.makes_inputs
-    backend.attach(detector.input_spec)
-    assert backend.makes_inputs and backend.preprocessor is not None
-    cpu = detectors["yolox"]
-    for frame in vtest_frames(3):
-        outputs, boxes = backend.infer_images([frame])
-        gpu_dets = detector.postprocess(outputs, boxes)[0]
-        cpu_dets = YoloxDetector(cpu.backend, conf=0.3).detect([frame])[0]
-        assert len(gpu_dets) >= 3 and abs(len(gpu_dets) - len(cpu_dets)) <= 1
-        from edgecv.engine.ops import box_iou
+    spec = detectors["yolox"].input_spec
+    w, h = spec.size
+    seen: list[np.ndarray] = []
 
-        iou = box_iou(cpu_dets.xyxy, gpu_dets.xyxy)
-        assert (iou.max(axis=1) > 0.95).mean() >= 0.9
-    assert kernel.launches and int(kernel.launches[-1]["dst"]) == backend.input_pointer(0)
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        seen.append(x.copy())
+        return [x.mean(axis=(1, 2, 3))[:, None]]
+
+    tensors = [Tensor("images", True, (2, 3, h, w)), Tensor("mean", False, (2, 1))]
+    backend, _, _ = fake_backend("trt10", tensors, run, cuda=cuda)
+    assert not backend.makes_inputs
+    backend.attach(spec)
+    assert backend.makes_inputs and backend.preprocessor is not None
+    frames = vtest_frames(3)
+    want = [reference_preprocess(f, **asdict(spec)) for f in frames]
+    (mean,), boxes = backend.infer_images(frames[:2])
+    np.testing.assert_array_equal(seen[-1], np.stack([want[0][0], want[1][0]]))
+    assert boxes == [want[0][1], want[1][1]] and mean.shape == (2, 1)
+    np.testing.assert_allclose(mean, seen[-1].mean(axis=(1, 2, 3))[:, None], rtol=1e-6)
+    assert [int(k["dst"]) for k in kernel.launches] == [backend.input_pointer(0), backend.input_pointer(1)]
+    (mean,), boxes = backend.infer_images(frames[2:])
+    assert mean.shape == (1, 1) and boxes == [want[2][1]]
+    np.testing.assert_array_equal(seen[-1][0], want[2][0])
+    assert not seen[-1][1].any()  # slot 1 still held frame 1: zeroed on the device
+    with pytest.raises(EdgecvError) as excinfo:
+        backend.infer_images(frames)
+    assert "expected 1..2 images, got 3" in str(excinfo.value)
 
 
 # -- the real kernel on a GPU -------------------------------------------------------------------
@@ -377,40 +390,81 @@ def test_gpu_check_script_runs_without_pydantic_or_paho(tmp_path: Path) -> None:
     assert "environment" in report and "tensorrt" in report
 
 
-def test_pipeline_uses_gpu_preprocessing_when_the_backend_has_it(fake_gpu: Any, detectors: dict) -> None:
-    """With the kernel attached (TensorRT), the capture thread makes no CPU tensor and the inference
-    thread letterboxes on the GPU; the tracks equal those of the CPU pipeline on the same frames."""
-    from test_tensorrt import ort_engine
+# -- the pipeline with a backend that makes its own inputs --------------------------------------
 
+
+class MakesItsOwnInputs(Backend):
+    """A backend that makes its input tensors itself, from the frames, on the inference thread (as TensorRT does
+    with the letterbox kernel): once attached, ``stage`` keeps the frame and ``infer_staged`` letterboxes it with
+    the kernel's numpy twin and runs the model with ONNX Runtime. It records the threads each step ran on."""
+
+    name = "makes-its-own-inputs"
+    device = "cpu"
+
+    def __init__(self, inner: OnnxRuntimeBackend) -> None:
+        self.inner = inner
+        for attr in ("path", "input_name", "input_shape", "input_dtype", "output_names", "output_shapes",
+                     "metadata", "max_batch"):  # fmt: skip
+            setattr(self, attr, getattr(inner, attr))
+        self.spec: Optional[InputSpec] = None
+        self.threads: dict[str, set[str]] = {"stage": set(), "infer_staged": set()}
+
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self.inner.infer(batch)
+
+    def attach(self, spec: Optional[InputSpec]) -> None:
+        self.spec = spec
+
+    @property
+    def makes_inputs(self) -> bool:
+        return self.spec is not None
+
+    def stage(self, image: np.ndarray, preprocess: Any) -> Staged:
+        if self.spec is None:
+            return super().stage(image, preprocess)
+        self.threads["stage"].add(threading.current_thread().name)
+        return Staged(image=image)
+
+    def infer_staged(self, items: Sequence[Staged]) -> tuple[list[np.ndarray], list[Any]]:
+        if self.spec is None:
+            return super().infer_staged(items)
+        self.threads["infer_staged"].add(threading.current_thread().name)
+        made = [reference_preprocess(s.image, **asdict(self.spec)) for s in items]
+        return self.inner.infer(np.stack([tensor for tensor, _ in made])), [box for _, box in made]
+
+
+def test_pipeline_lets_a_backend_make_its_own_inputs(detectors: dict) -> None:
+    """With a backend that makes its inputs (TensorRT with the kernel attached), the capture thread makes no
+    tensor and the inference thread has the backend make them; the tracks equal those of the CPU pipeline."""
     from edgecv.config import parse
-    from edgecv.engine.cache import onnx_metadata
-    from edgecv.engine.tensorrt import TensorRTBackend
     from edgecv.models import ModelSet
     from edgecv.pipeline import Pipeline
     from edgecv.types import Frame
 
-    cuda, kernel = fake_gpu
-    engine = ort_engine(YOLOX, "trt10", cuda)
-    backend = TensorRTBackend.from_engine(engine, cuda, cuda.Stream(), cuda.Context(), YOLOX, onnx_metadata(YOLOX))
-    gpu_detector = YoloxDetector(backend, conf=0.35)
-    backend.attach(gpu_detector.input_spec)
+    backend = MakesItsOwnInputs(detectors["yolox"].backend)
+    own_detector = YoloxDetector(backend, conf=0.35)
+    assert not backend.makes_inputs
+    backend.attach(own_detector.input_spec)
+    assert backend.makes_inputs
     cfg = parse({"node_id": "g", "mqtt": {"enabled": False}, "console": {"enabled": False},
                  "model": {"path": str(YOLOX)},
                  "cameras": {"cam": {"source": str(ASSETS / "media" / "vtest.avi"), "realtime": False}}})
 
-    def run(models: ModelSet) -> tuple[dict[int, list[int]], Any]:
+    def run(models: ModelSet) -> dict[int, list[int]]:
         seen: dict[int, list[int]] = {}
         pipe = Pipeline(cfg, models, sinks=[], max_frames=12,
                         on_tracks=lambda _c, f, t: seen.__setitem__(f.index, sorted(t.track_id.tolist())))
-        prepared = models.prepare(Frame("cam", 1, 0.0, 0.0, vtest_frames(1)[0]))
         pipe.run()
-        return seen, prepared
+        return seen
 
-    gpu_tracks, gpu_prepared = run(ModelSet(gpu_detector))
-    cpu_tracks, cpu_prepared = run(ModelSet(YoloxDetector(detectors["yolox"].backend, conf=0.35)))
-    assert gpu_prepared.staged[0].tensor is None and gpu_prepared.staged[0].image is not None
-    assert cpu_prepared.staged[0].tensor.shape == (3, 416, 416)
-    assert len(gpu_tracks) == len(cpu_tracks) == 12
-    assert kernel.launches, "the inference thread ran the GPU letterbox kernel"
-    same = sum(gpu_tracks[i] == cpu_tracks[i] for i in cpu_tracks)
-    assert same >= 10, (gpu_tracks, cpu_tracks)
+    own_tracks = run(ModelSet(own_detector))
+    assert backend.threads == {"stage": {"capture-cam"}, "infer_staged": {"inference"}}
+    cpu_tracks = run(ModelSet(YoloxDetector(detectors["yolox"].backend, conf=0.35)))
+    frame = Frame("cam", 1, 0.0, 0.0, vtest_frames(1)[0])
+    own_staged = ModelSet(own_detector).prepare(frame).staged[0]
+    cpu_staged = ModelSet(detectors["yolox"]).prepare(frame).staged[0]
+    assert own_staged.tensor is None and own_staged.image is frame.image
+    assert cpu_staged.tensor.shape == (3, 416, 416)
+    assert len(own_tracks) == len(cpu_tracks) == 12
+    same = sum(own_tracks[i] == cpu_tracks[i] for i in cpu_tracks)
+    assert same >= 10, (own_tracks, cpu_tracks)

@@ -140,38 +140,20 @@ class OnnxRuntimeBackend(Backend):
         providers: Optional[list[str]] = None,
         max_batch: int = DYNAMIC_MAX_BATCH,
     ) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise EdgecvError(
-                "backend 'onnxruntime': the onnxruntime package is not installed "
-                "(pip install 'edgecv[cpu]', or onnxruntime-gpu for CUDA)"
-            ) from exc
-        self.path = Path(path)
-        if not self.path.exists():
-            raise EdgecvError(f"model {self.path}: expected an ONNX model file, found no such file")
-        if not self.path.is_file():
-            raise EdgecvError(f"model {self.path}: expected an ONNX model file, found a directory or special file")
+        ort = _import_onnxruntime()
+        self.path = _check_model_file(Path(path))
         if threads is not None and threads < 1:
             raise EdgecvError(f"threads: expected a positive number or None, got {threads}")
+        self._session = _open_session(ort, self.path, threads, providers)
+        self._read_io()
+        self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
+        batch_dim = self.input_shape[0] if self.input_shape else 1
+        self.max_batch = batch_dim if batch_dim > 0 else max(1, int(max_batch))
+        self.providers: list[str] = list(self._session.get_providers())
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # fatal only: ORT's warnings would go to stderr on every load, and its error lines (raw, coloured, outside
-        # the log format) repeat what the exception it raises says; edgecv logs that, once, in one line
-        options.log_severity_level = 4
-        chosen = _select_providers(providers, ort.get_available_providers())
-        try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=chosen)
-        except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
-            raise EdgecvError(
-                f"model {self.path}: expected an ONNX model onnxruntime can load, "
-                f"found one it rejects: {_ort_message(exc)}"
-            ) from exc
-
+    def _read_io(self) -> None:
+        """The session's one input (name, shape, dtype) and its outputs (names, shapes)."""
         inputs = self._session.get_inputs()
         if len(inputs) != 1:
             found = ", ".join(i.name for i in inputs)
@@ -185,11 +167,6 @@ class OnnxRuntimeBackend(Backend):
         outputs = self._session.get_outputs()
         self.output_names = [o.name for o in outputs]
         self.output_shapes = [_dims(o.shape) for o in outputs]
-        self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
-        batch_dim = self.input_shape[0] if self.input_shape else 1
-        self.max_batch = batch_dim if batch_dim > 0 else max(1, int(max_batch))
-        self.providers: list[str] = list(self._session.get_providers())
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
         """Run the model; a short batch on a fixed-batch model is zero-padded and the padding dropped."""
@@ -211,6 +188,47 @@ class OnnxRuntimeBackend(Backend):
             f"OnnxRuntimeBackend({str(self.path)!r}, input={format_shape(self.input_shape)}, "
             f"providers={self.providers})"
         )
+
+
+def _import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or an :class:`EdgecvError` saying how to install it."""
+    try:
+        import onnxruntime as ort  # lazy: an optional package (edgecv[cpu]); edgecv imports without it
+    except ImportError as exc:
+        raise EdgecvError(
+            "backend 'onnxruntime': the onnxruntime package is not installed "
+            "(pip install 'edgecv[cpu]', or onnxruntime-gpu for CUDA)"
+        ) from exc
+    return ort
+
+
+def _check_model_file(path: Path) -> Path:
+    """``path``, when it is an existing regular file."""
+    if not path.exists():
+        raise EdgecvError(f"model {path}: expected an ONNX model file, found no such file")
+    if not path.is_file():
+        raise EdgecvError(f"model {path}: expected an ONNX model file, found a directory or special file")
+    return path
+
+
+def _open_session(ort: Any, path: Path, threads: Optional[int], providers: Optional[list[str]]) -> Any:
+    """An ``ort.InferenceSession`` on ``path`` (all graph optimizations, sequential, fatal-only logging)."""
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # fatal only: ORT's warnings would go to stderr on every load, and its error lines (raw, coloured, outside
+    # the log format) repeat what the exception it raises says; edgecv logs that, once, in one line
+    options.log_severity_level = 4
+    chosen = _select_providers(providers, ort.get_available_providers())
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+        raise EdgecvError(
+            f"model {path}: expected an ONNX model onnxruntime can load, "
+            f"found one it rejects: {_ort_message(exc)}"
+        ) from exc
 
 
 def _select_providers(requested: Optional[list[str]], available: list[str]) -> list[str]:

@@ -345,8 +345,8 @@ def compile_kernel() -> Any:
     pycuda compiles with ``nvcc`` from PATH (see :func:`put_nvcc_on_path`, which the caller
     runs first).
     """
-    from pycuda import driver as cuda  # noqa: F401  (the caller made sure it imports)
-    from pycuda.compiler import SourceModule
+    from pycuda import driver as cuda  # lazy: pycuda is optional (edgecv[tensorrt]); the caller made sure it imports
+    from pycuda.compiler import SourceModule  # lazy, as above: compiling needs pycuda and nvcc, never at import
 
     context = cuda.Context.get_current()
     key = int(getattr(context, "handle", id(context))) if context is not None else 0

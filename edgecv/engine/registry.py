@@ -44,36 +44,74 @@ def infer_family(backend: Backend) -> str:
     (1, M, h, w) mean ``yolov8-seg``; only outputs (1, K, h, w) with 2 <= K <= 255 mean
     ``semseg``. Anything else asks for ``family``.
     """
+    family = _family_from_metadata(backend) or _family_from_outputs(backend)
+    if family is None:
+        raise _unknown_family(backend)
+    return family
+
+
+def _family_from_metadata(backend: Backend) -> Optional[str]:
+    """The family an Ultralytics export names by its task; None when the metadata is not Ultralytics'."""
     meta = backend.metadata
-    if meta.get("author", "").startswith("Ultralytics") or ("names" in meta and "task" in meta):
-        task = meta.get("task", "detect")
-        if task not in ULTRALYTICS_TASKS:
-            raise EdgecvError(f"model {backend.path}: Ultralytics task {task!r} is not supported; "
-                              f"supported: {', '.join(ULTRALYTICS_TASKS)}")
-        return ULTRALYTICS_TASKS[task]
+    if not (meta.get("author", "").startswith("Ultralytics") or ("names" in meta and "task" in meta)):
+        return None
+    task = meta.get("task", "detect")
+    if task not in ULTRALYTICS_TASKS:
+        raise EdgecvError(f"model {backend.path}: Ultralytics task {task!r} is not supported; "
+                          f"supported: {', '.join(ULTRALYTICS_TASKS)}")
+    return ULTRALYTICS_TASKS[task]
+
+
+def _family_from_outputs(backend: Backend) -> Optional[str]:
+    """The family the output shapes (for one image) point to; None when they fit none."""
     if len(backend.output_names) >= 2:
-        shapes = model_output_shapes(backend, model_input_size(backend))
-        ranks = sorted(len(s) for s in shapes)
-        if ranks == [3, 4]:
-            det = next(s for s in shapes if len(s) == 3)
-            proto = next(s for s in shapes if len(s) == 4)
-            if det[0] == 1 and proto[0] == 1 and det[2] > det[1] >= 5 + proto[1]:
-                return Yolov8SegDetector.family
-        if all(len(s) == 4 and s[0] == 1 and 2 <= s[1] <= 255 for s in shapes):
-            return SemanticSegmenter.family
+        return _family_of_shapes(model_output_shapes(backend, model_input_size(backend)))
     if len(backend.output_names) == 1:
-        shape = model_output_shape(backend, model_input_size(backend))
-        if len(shape) == 3 and shape[0] == 1:
-            rows, cols = shape[1], shape[2]
-            if rows >= 5 and cols > rows:
-                return Yolov8Detector.family
-            if cols >= 6 and rows > cols:
-                return YoloxDetector.family
-        if len(shape) == 4 and shape[0] == 1 and 2 <= shape[1] <= 255:
-            return SemanticSegmenter.family
+        return _family_of_shape(model_output_shape(backend, model_input_size(backend)))
+    return None
+
+
+def _is_score_map(shape: Sequence[int]) -> bool:
+    """(1, K, h, w) with 2 <= K <= 255: per-class scores of a semantic segmenter."""
+    return len(shape) == 4 and shape[0] == 1 and 2 <= shape[1] <= 255
+
+
+def _is_seg_head(shapes: list[tuple[int, ...]]) -> bool:
+    """Detection rows (1, 4+C+M, N) with N > 4+C+M and prototypes (1, M, h, w): an instance segmentation head."""
+    if sorted(len(s) for s in shapes) != [3, 4]:
+        return False
+    det = next(s for s in shapes if len(s) == 3)
+    proto = next(s for s in shapes if len(s) == 4)
+    return det[0] == 1 and proto[0] == 1 and det[2] > det[1] >= 5 + proto[1]
+
+
+def _family_of_shapes(shapes: list[tuple[int, ...]]) -> Optional[str]:
+    """Two or more outputs: detection rows + prototypes (``yolov8-seg``), or score maps only (``semseg``)."""
+    if _is_seg_head(shapes):
+        return Yolov8SegDetector.family
+    if all(_is_score_map(s) for s in shapes):
+        return SemanticSegmenter.family
+    return None
+
+
+def _family_of_shape(shape: tuple[int, ...]) -> Optional[str]:
+    """One output: (1, 4+C, N) ``yolov8``, (1, N, 5+C) ``yolox``, or a score map (``semseg``)."""
+    if len(shape) == 3 and shape[0] == 1:
+        rows, cols = shape[1], shape[2]
+        if rows >= 5 and cols > rows:
+            return Yolov8Detector.family
+        if cols >= 6 and rows > cols:
+            return YoloxDetector.family
+    if _is_score_map(shape):
+        return SemanticSegmenter.family
+    return None
+
+
+def _unknown_family(backend: Backend) -> EdgecvError:
+    """The error asking for ``family`` when neither metadata nor output shapes tell it."""
     shapes = ", ".join(format_shape(s) for s in backend.output_shapes)
     hints = "; ".join(f"{name}: output {cls.expected_output}" for name, cls in FAMILIES.items())
-    raise EdgecvError(
+    return EdgecvError(
         f"model {backend.path}: cannot tell the model family from output {shapes}; set family explicitly ({hints})"
     )
 

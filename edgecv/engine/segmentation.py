@@ -142,8 +142,7 @@ class Yolov8SegDetector(Yolov8Detector):
             )
         d, p = shapes[det[0]], shapes[proto[0]]
         nm, mh, mw = p[1], p[2], p[3]
-        w, h = self.input_size
-        if nm < 1 or d[1] < 5 + nm or d[2] <= d[1] or not (0 < mw <= w and 0 < mh <= h):
+        if not self._head_fits(d, p):
             raise EdgecvError(
                 f"model {self.backend.path}: family {self.family!r} expects outputs {self.expected_output} "
                 f"(M = {p[1]} prototypes, at least one class), got {got}"
@@ -151,6 +150,12 @@ class Yolov8SegDetector(Yolov8Detector):
         self._det_index, self._proto_index = det[0], proto[0]
         self.num_masks, self.proto_size = nm, (mw, mh)
         return d[1] - 4 - nm
+
+    def _head_fits(self, det: tuple[int, ...], proto: tuple[int, ...]) -> bool:
+        """Rows (1, 4+C+M, N) with C >= 1 and N > 4+C+M; M >= 1 prototypes no larger than the input."""
+        nm, mh, mw = proto[1], proto[2], proto[3]
+        w, h = self.input_size
+        return not (nm < 1 or det[1] < 5 + nm or det[2] <= det[1] or not (0 < mw <= w and 0 < mh <= h))
 
     def _candidates(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         boxes, score, class_id, _ = self._seg_candidates(raw)
@@ -180,6 +185,11 @@ class Yolov8SegDetector(Yolov8Detector):
             results.append(Detections(box.to_source(xyxy[keep]), score[keep], class_id[keep], mask=masks,
                                       data={"mask_area": area}))
         return results
+
+
+def _is_score_map(shape: tuple[int, ...]) -> bool:
+    """(1, K, h, w) with 2 <= K <= 255 and a non-empty map: one output of a semantic segmenter."""
+    return len(shape) == 4 and shape[0] == 1 and 2 <= shape[1] <= 255 and shape[2] >= 1 and shape[3] >= 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,10 +235,21 @@ class SemanticSegmenter:
         self.resize = resize
         self.input_size: tuple[int, int] = model_input_size(backend)
         shapes = model_output_shapes(backend, self.input_size)
+        defaults = self._plan_outputs(shapes)
+        self.output_sizes = [(s[3], s[2]) for s in shapes]
+        self.names = self._mask_names(names, defaults)
+        if len(set(self.names)) != len(self.names):
+            raise EdgecvError(f"model {backend.path}: mask names must be unique, got {', '.join(self.names)}")
+        self.keep: set[str] = set(self.names if not classes else [self.names[i] for i in self.class_ids(classes)])
+        self.conf, self.iou, self.max_det = float(conf), float(iou), int(max_det)
+
+    def _plan_outputs(self, shapes: list[tuple[int, ...]]) -> list[str]:
+        """Check every output is a score map; set :attr:`_outputs`; the default mask names, in order."""
+        backend = self.backend
         self._outputs: list[tuple[int, list[int]]] = []  # (output index, class indices 1..K-1)
         defaults: list[str] = []
         for i, (name, shape) in enumerate(zip(backend.output_names, shapes)):
-            if len(shape) != 4 or shape[0] != 1 or not 2 <= shape[1] <= 255 or shape[2] < 1 or shape[3] < 1:
+            if not _is_score_map(shape):
                 got = ", ".join(f"{n} {format_shape(s)}" for n, s in zip(backend.output_names, shapes))
                 raise EdgecvError(
                     f"model {backend.path}: family {self.family!r} expects {self.expected_output}, got {got}"
@@ -237,20 +258,18 @@ class SemanticSegmenter:
             ks = list(range(1, shape[1]))
             self._outputs.append((i, ks))
             defaults.extend([alias] if shape[1] == 2 else [f"{alias}.{k}" for k in ks])
-        self.output_sizes = [(s[3], s[2]) for s in shapes]
-        own = metadata_names(backend.metadata)
-        if names is not None:
-            if len(names) != len(defaults):
-                raise EdgecvError(
-                    f"model {backend.path}: expected {len(defaults)} mask names (one per mask), got {len(names)}"
-                )
-            self.names = list(names)
-        else:
-            self.names = own if own is not None and len(own) == len(defaults) else defaults
-        if len(set(self.names)) != len(self.names):
-            raise EdgecvError(f"model {backend.path}: mask names must be unique, got {', '.join(self.names)}")
-        self.keep: set[str] = set(self.names if not classes else [self.names[i] for i in self.class_ids(classes)])
-        self.conf, self.iou, self.max_det = float(conf), float(iou), int(max_det)
+        return defaults
+
+    def _mask_names(self, names: Optional[list[str]], defaults: list[str]) -> list[str]:
+        """``names`` (one per mask), else the model's own names when they fit, else ``defaults``."""
+        own = metadata_names(self.backend.metadata)
+        if names is None:
+            return own if own is not None and len(own) == len(defaults) else defaults
+        if len(names) != len(defaults):
+            raise EdgecvError(
+                f"model {self.backend.path}: expected {len(defaults)} mask names (one per mask), got {len(names)}"
+            )
+        return list(names)
 
     def class_ids(self, names: Sequence[str]) -> list[int]:
         """Mask indices of ``names``; an unknown name is an error listing the valid ones."""

@@ -288,12 +288,17 @@ def io_table(
         raise EdgecvError(f"model {path}: expected at least 1 output tensor, found none")
     spec = inputs[0]
     if spec.dynamic:
-        if spec.profile is None:
-            shape = format_shape(spec.shape)
-            raise EdgecvError(f"model {path}: input {spec.name!r} is dynamic {shape} without a profile")
-        if any(len(s) != len(spec.shape) for s in spec.profile):
-            raise EdgecvError(f"model {path}: input {spec.name!r} profile does not match its rank")
+        _check_profile(spec, path)
     return spec, outputs
+
+
+def _check_profile(spec: TensorSpec, path: Union[str, Path]) -> None:
+    """A dynamic input needs an optimization profile of its own rank."""
+    if spec.profile is None:
+        shape = format_shape(spec.shape)
+        raise EdgecvError(f"model {path}: input {spec.name!r} is dynamic {shape} without a profile")
+    if any(len(s) != len(spec.shape) for s in spec.profile):
+        raise EdgecvError(f"model {path}: input {spec.name!r} profile does not match its rank")
 
 
 def check_input_shape(spec: TensorSpec, shape: Sequence[int], path: Union[str, Path] = "engine") -> None:
@@ -319,6 +324,9 @@ def rebuild_command(onnx: Optional[Union[str, Path]] = None, precision: str = "f
 
 
 _PLUGIN = re.compile(r"plugin(?: creator)?[:\s]+['\"]?([A-Za-z0-9_]+)", re.IGNORECASE)
+# phrases of TensorRT's deserialization errors: an engine of another TensorRT version, of another GPU
+_OTHER_VERSION = ("version tag", "library version", "not compatible with this version")
+_OTHER_GPU = ("incompatible device", "expecting compute", "compute capability")
 
 
 def deserialize_error(
@@ -337,7 +345,18 @@ def deserialize_error(
     onnx = built.get("onnx")
     rebuild = rebuild_command(onnx, built.get("precision", "fp16"), int(built.get("max_batch", 1)))
     text = " ".join(log_lines)
-    lower = text.lower()
+    reason = _sidecar_mismatch(path, built, trt_version, gpu, rebuild) or _log_reason(path, text, log_lines, rebuild)
+    if reason:
+        return reason
+    detail = _last(log_lines) or "deserialize_cuda_engine returned None"
+    return (
+        f"engine {path}: TensorRT could not load it ({detail}); it may come from another TensorRT version "
+        f"or GPU: rebuild it: {rebuild}"
+    )
+
+
+def _sidecar_mismatch(path: Union[str, Path], built: dict[str, Any], trt_version: str, gpu: str, rebuild: str) -> str:
+    """The engine was built (its sidecar says) by another TensorRT version or for another GPU; "" when not."""
     was_trt, was_gpu = built.get("trt_version"), built.get("gpu")
     if was_trt and trt_version and was_trt != trt_version:
         return (
@@ -349,12 +368,19 @@ def deserialize_error(
             f"engine {path} was built for the GPU {was_gpu}, this is {gpu}: engines are specific to a GPU; "
             f"rebuild it here: {rebuild}"
         )
-    if "version tag" in lower or "library version" in lower or "not compatible with this version" in lower:
+    return ""
+
+
+def _log_reason(path: Union[str, Path], text: str, log_lines: Sequence[str], rebuild: str) -> str:
+    """What TensorRT's error messages (``text``: joined) say went wrong (version, GPU, plugin, not an engine);
+    "" when unclear."""
+    lower = text.lower()
+    if any(phrase in lower for phrase in _OTHER_VERSION):
         return (
             f"engine {path} was built by another TensorRT version ({_last(log_lines)}); "
             f"engines only load in the version that built them; rebuild it: {rebuild}"
         )
-    if "incompatible device" in lower or "expecting compute" in lower or "compute capability" in lower:
+    if any(phrase in lower for phrase in _OTHER_GPU):
         return f"engine {path} was built for another GPU ({_last(log_lines)}); rebuild it here: {rebuild}"
     if "plugin" in lower:
         match = _PLUGIN.search(text)
@@ -365,11 +391,7 @@ def deserialize_error(
         )
     if "magic tag" in lower:
         return f"engine {path}: expected a serialized TensorRT engine, found something else or a damaged file"
-    detail = _last(log_lines) or "deserialize_cuda_engine returned None"
-    return (
-        f"engine {path}: TensorRT could not load it ({detail}); it may come from another TensorRT version "
-        f"or GPU: rebuild it: {rebuild}"
-    )
+    return ""
 
 
 def _last(lines: Sequence[str]) -> str:

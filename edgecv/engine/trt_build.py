@@ -178,23 +178,7 @@ def onnx_input_shape(path: PathLike) -> tuple[str, tuple[int, ...]]:
     """(name, shape) of the ONNX model's single real input (initializers excluded); -1 = dynamic."""
     p = Path(path)
     try:
-        data = p.read_bytes()
-        graph = next(v for n, w, v in protobuf_fields(data) if n == 7 and w == 2)
-        initializers: set[str] = set()
-        inputs: list[tuple[str, tuple[int, ...]]] = []
-        for number, wire, value in protobuf_fields(graph):
-            if wire != 2:
-                continue
-            if number == 5:  # initializer TensorProto: name = 8
-                initializers.update(v.decode() for n, w, v in protobuf_fields(value) if n == 8 and w == 2)
-            elif number == 11:  # input ValueInfoProto: name = 1, type = 2
-                name, shape = "", ()
-                for n, w, v in protobuf_fields(value):
-                    if n == 1 and w == 2:
-                        name = v.decode()
-                    elif n == 2 and w == 2:
-                        shape = _type_shape(v)
-                inputs.append((name, shape))
+        inputs, initializers = _graph_inputs(p.read_bytes())
     except (OSError, StopIteration, ValueError, UnicodeDecodeError) as exc:
         raise EdgecvError(f"model {p}: expected an ONNX model with a graph, could not read it ({exc})") from exc
     real = [(n, s) for n, s in inputs if n not in initializers]
@@ -204,19 +188,49 @@ def onnx_input_shape(path: PathLike) -> tuple[str, tuple[int, ...]]:
     return real[0]
 
 
+def fields_of(data: bytes, number: int, wire: int) -> Iterator[Any]:
+    """The values of field ``number`` with wire type ``wire`` in one protobuf message, lazily, in order."""
+    return (v for n, w, v in protobuf_fields(data) if n == number and w == wire)
+
+
+def _graph_inputs(model: bytes) -> tuple[list[tuple[str, tuple[int, ...]]], set[str]]:
+    """ModelProto -> graph (7): ((name, shape) of each input (11), the initializer (5) names)."""
+    graph = next(fields_of(model, 7, 2))
+    initializers: set[str] = set()
+    inputs: list[tuple[str, tuple[int, ...]]] = []
+    for number, wire, value in protobuf_fields(graph):
+        if wire != 2:
+            continue
+        if number == 5:  # initializer TensorProto: name = 8
+            initializers.update(v.decode() for v in fields_of(value, 8, 2))
+        elif number == 11:  # input ValueInfoProto
+            inputs.append(_value_info(value))
+    return inputs, initializers
+
+
+def _value_info(value_info: bytes) -> tuple[str, tuple[int, ...]]:
+    """ValueInfoProto: name = 1, type = 2 (the last of each wins)."""
+    name, shape = "", ()
+    for n, w, v in protobuf_fields(value_info):
+        if n == 1 and w == 2:
+            name = v.decode()
+        elif n == 2 and w == 2:
+            shape = _type_shape(v)
+    return name, shape
+
+
 def _type_shape(type_proto: bytes) -> tuple[int, ...]:
     """TypeProto -> tensor_type (1) -> shape (2) -> dim (1) -> dim_value (1) | dim_param (2)."""
-    for n, w, tensor in protobuf_fields(type_proto):
-        if n == 1 and w == 2:
-            for n2, w2, shape in protobuf_fields(tensor):
-                if n2 == 2 and w2 == 2:
-                    out = []
-                    for n3, w3, dim in protobuf_fields(shape):
-                        if n3 == 1 and w3 == 2:
-                            value = [v for k, wt, v in protobuf_fields(dim) if k == 1 and wt == 0]
-                            out.append(int(value[0]) if value and value[0] > 0 else -1)
-                    return tuple(out)
+    for tensor in fields_of(type_proto, 1, 2):
+        for shape in fields_of(tensor, 2, 2):
+            return tuple(_dim_value(dim) for dim in fields_of(shape, 1, 2))
     return ()
+
+
+def _dim_value(dim: bytes) -> int:
+    """Dimension: its dim_value (1) when positive, else -1 (dynamic: a dim_param, or none)."""
+    value = list(fields_of(dim, 1, 0))
+    return int(value[0]) if value and value[0] > 0 else -1
 
 
 def effective_max_batch(input_shape: Sequence[int], requested: int) -> int:
@@ -244,15 +258,21 @@ def plan_profile(
     if c < 0:
         raise EdgecvError(f"model input {format_shape(shape)}: expected a fixed channel count")
     if h < 0 or w < 0:
-        if imgsz is None:
-            raise EdgecvError(
-                f"model input {format_shape(shape)}: dynamic image size and no 'imgsz' metadata; "
-                "export the model with a fixed size"
-            )
-        h, w = (h if h > 0 else imgsz[0]), (w if w > 0 else imgsz[1])
+        h, w = _image_size(shape, imgsz)
     low = (1 if n < 0 else n, c, h, w)
     high = (max_batch if n < 0 else n, c, h, w)
     return low, high, high
+
+
+def _image_size(shape: tuple[int, ...], imgsz: Optional[tuple[int, int]]) -> tuple[int, int]:
+    """(h, w) of an (N, C, H, W) input with a dynamic image size: its dynamic dims taken from ``imgsz``."""
+    if imgsz is None:
+        raise EdgecvError(
+            f"model input {format_shape(shape)}: dynamic image size and no 'imgsz' metadata; "
+            "export the model with a fixed size"
+        )
+    h, w = shape[2], shape[3]
+    return (h if h > 0 else imgsz[0]), (w if w > 0 else imgsz[1])
 
 
 def calibration_batch_size(input_shape: Sequence[int], requested: int, max_batch: int) -> int:
@@ -443,25 +463,13 @@ def build_engine(
     ``adapter_factory`` (:data:`AdapterFactory`), called with ``(onnx, family)``.
     """
     onnx = Path(onnx)
-    if not onnx.is_file():
-        raise EdgecvError(f"model {onnx}: expected an ONNX model file, found no such file")
-    if precision not in PRECISIONS:
-        raise EdgecvError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if workspace_mb < 1:
-        raise EdgecvError(f"workspace: expected a positive number of MB, got {workspace_mb}")
+    _check_build_options(onnx, precision, workspace_mb)
     _, input_shape = onnx_input_shape(onnx)
     batch = effective_max_batch(input_shape, max_batch)
     if batch != max_batch:
         write(f"  {onnx.name} has a fixed batch of {batch}: building for it (--max-batch {max_batch} ignored)")
     metadata = onnx_metadata(onnx)
-    images: list[Path] = []
-    if precision == "int8" and calib_dir is not None:
-        images = list_images(calib_dir)
-        if adapter_factory is None:
-            raise EdgecvError(
-                "INT8 calibration preprocesses images with the model's adapter: expected an adapter_factory "
-                "(edgecv.engine.registry.calibration_detector), got none"
-            )
+    images = _calibration_images(precision, calib_dir, adapter_factory)
     trt = import_tensorrt()
     cuda = import_pycuda()
     gpu = cuda_device_name(cuda, device)
@@ -497,9 +505,7 @@ def build_engine(
         "gpu": gpu,
         "precision": precision,
         "max_batch": batch,
-        "calibration": {"images": len(images), "fingerprint": calib_id, "cache": str(calib_cache)}
-        if precision == "int8"
-        else None,
+        "calibration": _calibration_info(precision, images, calib_id, calib_cache),
         "workspace_mb": int(workspace_mb),
         "inputs": inputs,
         "outputs": outputs,
@@ -511,6 +517,38 @@ def build_engine(
     size_mb = out.stat().st_size / 1e6
     write(f"engine written: {out} ({size_mb:.1f} MB, {precision}, batch {batch}, built in {seconds:.0f} s)")
     return BuildResult(out, seconds, precision, batch, info)
+
+
+def _check_build_options(onnx: Path, precision: str, workspace_mb: int) -> None:
+    """The model file exists, the precision is known, the workspace is positive."""
+    if not onnx.is_file():
+        raise EdgecvError(f"model {onnx}: expected an ONNX model file, found no such file")
+    if precision not in PRECISIONS:
+        raise EdgecvError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if workspace_mb < 1:
+        raise EdgecvError(f"workspace: expected a positive number of MB, got {workspace_mb}")
+
+
+def _calibration_images(
+    precision: str, calib_dir: Optional[PathLike], adapter_factory: Optional[AdapterFactory]
+) -> list[Path]:
+    """The INT8 calibration images (none unless int8 with a folder); calibrating needs ``adapter_factory``."""
+    if precision != "int8" or calib_dir is None:
+        return []
+    images = list_images(calib_dir)
+    if adapter_factory is None:
+        raise EdgecvError(
+            "INT8 calibration preprocesses images with the model's adapter: expected an adapter_factory "
+            "(edgecv.engine.registry.calibration_detector), got none"
+        )
+    return images
+
+
+def _calibration_info(precision: str, images: list[Path], calib_id: str, calib_cache: Path) -> Optional[dict[str, Any]]:
+    """The sidecar's ``calibration`` entry: None unless int8."""
+    if precision != "int8":
+        return None
+    return {"images": len(images), "fingerprint": calib_id, "cache": str(calib_cache)}
 
 
 def _build(
@@ -530,15 +568,34 @@ def _build(
     write: Callable[[str], None],
 ) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
     """Parse, configure and build (CUDA context current); (serialized engine, inputs, outputs)."""
+    logger, builder, network = _parse_network(trt, onnx)
+    tensor, net_shape, inputs, outputs = _network_io(onnx, network)
+    config = _builder_config(trt, builder, workspace_mb)
+    profile_dims = plan_profile(net_shape, max_batch, _imgsz(metadata))
+    if profile_dims is not None:
+        config.add_optimization_profile(_profile(builder, tensor.name, profile_dims))
+    _set_precision_flags(trt, builder, config, precision, write)
+    if precision == "int8":
+        batch = calibration_batch_size(net_shape, calib_batch, max_batch)
+        batches = _calibration_batches(onnx, input_shape, images, batch, family, adapter_factory, write)
+        config.int8_calibrator = _make_calibrator(trt, cuda, batches, calib_cache, write)
+        if profile_dims is not None and hasattr(config, "set_calibration_profile"):
+            fixed = (batch, *profile_dims[2][1:])
+            config.set_calibration_profile(_profile(builder, tensor.name, (fixed, fixed, fixed)))
+    write(
+        f"building TensorRT {trt.__version__} engine from {onnx.name}: {precision}, input {format_shape(net_shape)}, "
+        f"max batch {max_batch}, workspace {workspace_mb} MB (usually 1-5 minutes on a desktop GPU, up to 20 on Jetson)"
+    )
+    return _serialize(trt, builder, network, config, logger, onnx, write), inputs, outputs
+
+
+def _parse_network(trt: Any, onnx: Path) -> tuple[Any, Any, Any]:
+    """(logger, builder, network) with the ONNX model parsed into the network (explicit batch)."""
     logger = make_logger(trt)
     if hasattr(trt, "init_libnvinfer_plugins"):
         trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
-    flags = 0
-    explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
-    if explicit is not None and str(trt.__version__).split(".")[0] in ("7", "8", "9"):
-        flags |= 1 << int(explicit)  # 10.x: explicit batch is the only mode, the flag is deprecated
-    network = builder.create_network(flags)
+    network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if hasattr(parser, "parse_from_file"):
         ok = parser.parse_from_file(str(onnx))
@@ -547,6 +604,21 @@ def _build(
     if not ok:
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors or ["unknown error"]
         raise EdgecvError(f"model {onnx}: TensorRT's ONNX parser rejects it: {errors[0].strip()}")
+    return logger, builder, network
+
+
+def _network_flags(trt: Any) -> int:
+    """``create_network`` flags: EXPLICIT_BATCH on TensorRT 7-9 (10.x: the only mode, the flag is deprecated)."""
+    explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+    if explicit is not None and str(trt.__version__).split(".")[0] in ("7", "8", "9"):
+        return 1 << int(explicit)
+    return 0
+
+
+def _network_io(
+    onnx: Path, network: Any
+) -> tuple[Any, tuple[int, ...], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the input tensor, its shape, the inputs and outputs for the sidecar); more than one input is an error."""
     if network.num_inputs != 1:
         raise EdgecvError(f"model {onnx}: expected 1 input tensor, found {network.num_inputs}")
     tensor = network.get_input(0)
@@ -556,18 +628,29 @@ def _build(
         {"name": network.get_output(i).name, "shape": [int(d) for d in network.get_output(i).shape]}
         for i in range(network.num_outputs)
     ]
+    return tensor, net_shape, inputs, outputs
 
+
+def _builder_config(trt: Any, builder: Any, workspace_mb: int) -> Any:
+    """A builder config with the workspace limit set."""
     config = builder.create_builder_config()
     workspace = int(workspace_mb) << 20
     if hasattr(config, "set_memory_pool_limit"):
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     else:  # TensorRT < 8.4
         config.max_workspace_size = workspace
-    profile_dims = plan_profile(net_shape, max_batch, _imgsz(metadata))
-    if profile_dims is not None:
-        profile = builder.create_optimization_profile()
-        profile.set_shape(tensor.name, *profile_dims)
-        config.add_optimization_profile(profile)
+    return config
+
+
+def _profile(builder: Any, name: str, dims: tuple[tuple[int, ...], ...]) -> Any:
+    """An optimization profile giving input ``name`` its (min, opt, max) shapes."""
+    profile = builder.create_optimization_profile()
+    profile.set_shape(name, *dims)
+    return profile
+
+
+def _set_precision_flags(trt: Any, builder: Any, config: Any, precision: str, write: Callable[[str], None]) -> None:
+    """FP16 for fp16 and int8, INT8 for int8; a note when the GPU has no fast path for it."""
     if precision in ("fp16", "int8"):
         if not getattr(builder, "platform_has_fast_fp16", True):
             write("  note: this GPU has no fast FP16; TensorRT will pick FP32 where FP16 does not pay")
@@ -576,25 +659,31 @@ def _build(
         if not getattr(builder, "platform_has_fast_int8", True):
             write("  note: this GPU has no fast INT8; the engine may gain little from it")
         config.set_flag(trt.BuilderFlag.INT8)
-        batch = calibration_batch_size(net_shape, calib_batch, max_batch)
-        if images:
-            assert adapter_factory is not None  # build_engine checked
-            batches = CalibrationBatches(images, adapter_factory(onnx, family), batch_size=batch)
-            write(f"  INT8 calibration: {len(images)} images in {len(batches)} batches of {batch}")
-        else:
-            batches = _CachedOnly(batch, input_shape)
-        config.int8_calibrator = _make_calibrator(trt, cuda, batches, calib_cache, write)
-        if profile_dims is not None and hasattr(config, "set_calibration_profile"):
-            fixed = (batch, *profile_dims[2][1:])
-            calib_profile = builder.create_optimization_profile()
-            calib_profile.set_shape(tensor.name, fixed, fixed, fixed)
-            config.set_calibration_profile(calib_profile)
 
-    write(
-        f"building TensorRT {trt.__version__} engine from {onnx.name}: {precision}, input {format_shape(net_shape)}, "
-        f"max batch {max_batch}, workspace {workspace_mb} MB (usually 1-5 minutes on a desktop GPU, up to 20 on Jetson)"
-    )
-    monitor = None
+
+def _calibration_batches(
+    onnx: Path,
+    input_shape: tuple[int, ...],
+    images: list[Path],
+    batch: int,
+    family: str,
+    adapter_factory: Optional[AdapterFactory],
+    write: Callable[[str], None],
+) -> Union[CalibrationBatches, _CachedOnly]:
+    """The INT8 calibration batches: the images through the model's adapter, or none (a cache exists)."""
+    if not images:
+        return _CachedOnly(batch, input_shape)
+    assert adapter_factory is not None  # build_engine checked
+    batches = CalibrationBatches(images, adapter_factory(onnx, family), batch_size=batch)
+    write(f"  INT8 calibration: {len(images)} images in {len(batches)} batches of {batch}")
+    return batches
+
+
+def _serialize(
+    trt: Any, builder: Any, network: Any, config: Any, logger: Any, onnx: Path, write: Callable[[str], None]
+) -> Any:
+    """Build the serialized engine, reporting progress (TensorRT >= 10) or a heartbeat; None is an error."""
+    monitor = None  # held here while TensorRT builds: the config only borrows it
     if hasattr(trt, "IProgressMonitor") and hasattr(config, "progress_monitor"):
         monitor = _make_monitor(trt, BuildProgress(write))
         config.progress_monitor = monitor
@@ -605,7 +694,7 @@ def _build(
     if serialized is None:
         detail = logger.errors[-1] if logger.errors else "build_serialized_network returned None"
         raise EdgecvError(f"model {onnx}: TensorRT could not build an engine: {detail}")
-    return serialized, inputs, outputs
+    return serialized
 
 
 class _CachedOnly:
@@ -653,6 +742,17 @@ def auto_options(environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
     return {"precision": "fp16", "max_batch": AUTO_MAX_BATCH, "calib_dir": None, **env_overrides(environ)}
 
 
+def engine_options(given: dict[str, Any], environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The options of an automatic build: the defaults, then what is ``given`` (the model's `tensorrt:` section;
+    None: unset), then the environment's overrides (:func:`env_overrides`), each override that changes a given
+    value logged."""
+    overrides = env_overrides(environ)
+    for key, value in overrides.items():
+        if given.get(key) is not None and str(given[key]) != str(value):
+            log.info("TensorRT engine: %s %s from the environment (the config says %s)", key, value, given[key])
+    return {**auto_options({}), **{k: v for k, v in given.items() if v is not None}, **overrides}
+
+
 def ensure_engine(
     onnx: PathLike,
     precision: Optional[str] = None,
@@ -669,12 +769,7 @@ def ensure_engine(
     (:func:`env_overrides`) overrides them. Logs which engine is used, or that it is being built and roughly how
     long that takes. ``adapter_factory``: for an INT8 build that calibrates on images (see :func:`build_engine`).
     """
-    given = {"precision": precision, "max_batch": max_batch, "calib_dir": calib_dir}
-    overrides = env_overrides()
-    for key, value in overrides.items():
-        if given[key] is not None and str(given[key]) != str(value):
-            log.info("TensorRT engine: %s %s from the environment (the config says %s)", key, value, given[key])
-    options = {**auto_options({}), **{k: v for k, v in given.items() if v is not None}, **overrides}
+    options = engine_options({"precision": precision, "max_batch": max_batch, "calib_dir": calib_dir})
     precision, max_batch, calib_dir = options["precision"], options["max_batch"], options["calib_dir"]
     onnx = Path(onnx)
     if not onnx.is_file():
