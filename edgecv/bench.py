@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from . import EdgecvError, assets
-from .config import ConfigError, load, parse, resolve_path
+from .config import CameraConfig, Config, ConfigError, load, parse, resolve_path
 from .engine.bench import bench_model
 from .engine.registry import build_detector
 from .evaluation.compare import (
@@ -34,7 +34,7 @@ from .evaluation.compare import (
 )
 from .evaluation.runner import RunSpec
 from .evaluation.variants import read_frames
-from .models import load_models
+from .models import ModelSet, load_models
 from .pipeline import CameraWorker, Pipeline, build_rules, tracker_config
 from .sources.capture import make_source
 from .track import track_video
@@ -83,9 +83,8 @@ DRIVING_CONFIG: dict[str, Any] = {
 }
 
 
-def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) -> list[tuple[str, str]]:
-    """Rows of the driving benchmark (see the module docstring)."""
-
+def _driving_setup(config: Optional[str], threads: Optional[int]) -> tuple[Config, ModelSet]:
+    """The config (``--config`` or the built-in one, ``--threads`` applied to every model) and its models."""
     try:
         cfg = load(config) if config else parse(DRIVING_CONFIG, "built-in driving config")
         if threads:
@@ -95,36 +94,73 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
         models = load_models(cfg)
     except ConfigError as e:
         raise EdgecvError("; ".join(e.problems)) from None
-    cam_name, cam = next(iter(cfg.cameras.items()))
-    location = str(resolve_path(cfg, str(cam.source)) or cam.source)
+    return cfg, models
+
+
+def _open_clip(cam_name: str, location: str) -> cv2.VideoCapture:
+    """The camera's clip opened with FFmpeg (its rate read from it, its first frame for the warm-up)."""
     cap = cv2.VideoCapture(location, cv2.CAP_FFMPEG)
     if not cap.isOpened():
         raise EdgecvError(f"cameras.{cam_name}.source: cannot open {location}")
-    fps = cap.get(cv2.CAP_PROP_FPS) or 10.0
+    return cap
+
+
+def _driving_worker(cfg: Config, models: ModelSet, cam_name: str, cam: CameraConfig, location: str, fps: float) -> CameraWorker:
+    """The camera worker of the benchmarked camera, its source at the clip's rate."""
     source = make_source(cam_name, cam, location)
     source.fps = fps
 
     def tracker(rate: float) -> ByteTracker:
         return ByteTracker(tracker_config(cfg, rate, models.detector.family))
 
-    worker = CameraWorker(cam_name, cfg.node_id, source, models, tracker, build_rules(cam, models.detector), [])
-    names = models.names
-    times: dict[str, list[float]] = {"decode": []}
-    for stage in ("preprocess", "inference", "postprocess"):
-        for n in names:
-            times[f"{stage} {n}"] = []
-    times["track_rules"], times["total"] = [], []
-    events = 0
-    size = (0, 0)
-    n_frames = 0
-    # warm-up: one inference per model outside the timings (session start-up costs)
+    return CameraWorker(cam_name, cfg.node_id, source, models, tracker, build_rules(cam, models.detector), [])
+
+
+def _warm_up(cap: cv2.VideoCapture, models: ModelSet, cam_name: str, location: str) -> None:
+    """One inference per model on the clip's first frame, outside the timings (session start-up costs);
+    releases ``cap``."""
     ok, image = cap.read()
     if not ok:
         raise EdgecvError(f"cameras.{cam_name}.source: no decodable frame in {location}")
     for m in models.all:
         m.backend.infer(m.preprocess(image)[0][None])
     cap.release()
+
+
+def _stage_times(names: list[str]) -> dict[str, list[float]]:
+    """Empty lists of times (ms) per stage, in the order of the table's rows."""
+    times: dict[str, list[float]] = {"decode": []}
+    for stage in ("preprocess", "inference", "postprocess"):
+        for n in names:
+            times[f"{stage} {n}"] = []
+    times["track_rules"], times["total"] = [], []
+    return times
+
+
+def _run_models(models: ModelSet, image: np.ndarray, times: dict[str, list[float]]) -> list[Any]:
+    """Each model's result on ``image``, its preprocess, inference and postprocess times appended."""
+    results = []
+    for n, m in zip(models.names, models.all):
+        t0 = time.perf_counter()
+        tensor, box = m.preprocess(image)
+        t1 = time.perf_counter()
+        outputs = m.backend.infer(tensor[None])
+        t2 = time.perf_counter()
+        results.append(m.postprocess(outputs, [box])[0])
+        t3 = time.perf_counter()
+        times[f"preprocess {n}"].append((t1 - t0) * 1000)
+        times[f"inference {n}"].append((t2 - t1) * 1000)
+        times[f"postprocess {n}"].append((t3 - t2) * 1000)
+    return results
+
+
+def _time_stages(worker: CameraWorker, models: ModelSet, location: str, frames: int,
+                 times: dict[str, list[float]]) -> tuple[int, int, tuple[int, int]]:
+    """Up to ``frames`` frames of the clip through every stage in sequence: (frames, events, frame size)."""
     cap = cv2.VideoCapture(location, cv2.CAP_FFMPEG)
+    events = 0
+    size = (0, 0)
+    n_frames = 0
     while n_frames < frames:
         start = time.perf_counter()
         ok, image = cap.read()
@@ -134,19 +170,8 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
         n_frames += 1
         size = (image.shape[1], image.shape[0])
         times["decode"].append((t_dec - start) * 1000)
-        frame = Frame(cam_name, n_frames, time.monotonic(), time.time(), image)
-        results = []
-        for n, m in zip(names, models.all):
-            t0 = time.perf_counter()
-            tensor, box = m.preprocess(image)
-            t1 = time.perf_counter()
-            outputs = m.backend.infer(tensor[None])
-            t2 = time.perf_counter()
-            results.append(m.postprocess(outputs, [box])[0])
-            t3 = time.perf_counter()
-            times[f"preprocess {n}"].append((t1 - t0) * 1000)
-            times[f"inference {n}"].append((t2 - t1) * 1000)
-            times[f"postprocess {n}"].append((t3 - t2) * 1000)
+        frame = Frame(worker.name, n_frames, time.monotonic(), time.time(), image)
+        results = _run_models(models, image, times)
         semantic = SemanticMasks.merge(results[1:]) if len(results) > 1 else None
         t4 = time.perf_counter()
         events += len(worker.handle(frame, results[0], semantic))
@@ -154,14 +179,13 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
         times["track_rules"].append((end - t4) * 1000)
         times["total"].append((end - start) * 1000)
     cap.release()
-    if not n_frames:
-        raise EdgecvError(f"cameras.{cam_name}.source: no decodable frame in {location}")
+    return n_frames, events, size
+
+
+def _stage_rows(times: dict[str, list[float]]) -> list[tuple[str, str]]:
+    """One row per stage (its share of the median frame), then the frame with the stages in sequence."""
     total = float(np.median(times["total"]))
-    rows = [("config", f"{Path(config).name if config else 'built-in driving config'}: camera {cam_name}, {Path(location).name} {size[0]}x{size[1]}, "
-                       f"{n_frames} frames, {events} events"),
-            ("models", ", ".join(f"{n} = {Path(str(m.backend.path)).name} ({m.family}, "
-                                 f"{m.input_size[0]}x{m.input_size[1]}, {m.backend.name} {m.backend.device})"
-                                 for n, m in zip(names, models.all)))]
+    rows = []
     for key, values in times.items():
         if key == "total":
             continue
@@ -169,7 +193,11 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
         share = 100.0 * float(np.median(values)) / total if total else 0.0
         rows.append((label, f"{_stat(values)} ({share:4.1f} % of the median frame)"))
     rows.append(("frame, stages in sequence", f"{_stat(times['total'])} = {1000.0 / total:.1f} fps"))
-    # the threaded pipeline (capture, inference, worker overlap), as `edgecv run --fast` without MQTT
+    return rows
+
+
+def _pipeline_row(cfg: Config, models: ModelSet, cam_name: str, cam: CameraConfig, n_frames: int) -> tuple[str, str]:
+    """The threaded pipeline (capture, inference, worker overlap), as `edgecv run --fast` without MQTT."""
     cams = {cam_name: cam.model_copy(update={"realtime": False, "loop": False})}
     quiet = cfg.model_copy(update={"cameras": cams})
     pipe = Pipeline(quiet, models, sinks=[], max_frames=n_frames)
@@ -177,7 +205,30 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
     pipe.run()
     seconds = time.perf_counter() - t0
     done = pipe.workers[cam_name].processed
-    rows.append(("pipeline end to end (threads)", f"{done} frames in {seconds:.2f} s = {done / seconds:.1f} fps"))
+    return ("pipeline end to end (threads)", f"{done} frames in {seconds:.2f} s = {done / seconds:.1f} fps")
+
+
+def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) -> list[tuple[str, str]]:
+    """Rows of the driving benchmark (see the module docstring)."""
+
+    cfg, models = _driving_setup(config, threads)
+    cam_name, cam = next(iter(cfg.cameras.items()))
+    location = str(resolve_path(cfg, str(cam.source)) or cam.source)
+    cap = _open_clip(cam_name, location)
+    worker = _driving_worker(cfg, models, cam_name, cam, location, cap.get(cv2.CAP_PROP_FPS) or 10.0)
+    names = models.names
+    times = _stage_times(names)
+    _warm_up(cap, models, cam_name, location)
+    n_frames, events, size = _time_stages(worker, models, location, frames, times)
+    if not n_frames:
+        raise EdgecvError(f"cameras.{cam_name}.source: no decodable frame in {location}")
+    rows = [("config", f"{Path(config).name if config else 'built-in driving config'}: camera {cam_name}, {Path(location).name} {size[0]}x{size[1]}, "
+                       f"{n_frames} frames, {events} events"),
+            ("models", ", ".join(f"{n} = {Path(str(m.backend.path)).name} ({m.family}, "
+                                 f"{m.input_size[0]}x{m.input_size[1]}, {m.backend.name} {m.backend.device})"
+                                 for n, m in zip(names, models.all)))]
+    rows += _stage_rows(times)
+    rows.append(_pipeline_row(cfg, models, cam_name, cam, n_frames))
     return rows
 
 

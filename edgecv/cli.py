@@ -19,6 +19,7 @@ from .engine.registry import calibration_detector
 from .engine.trt_build import build_engine
 from .evaluation.runner import (
     RunSpec,
+    SequenceResult,
     evaluate,
     evaluate_suite,
     events_table,
@@ -101,6 +102,42 @@ def cmd_track(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _eval_usage(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with `edgecv eval`'s combination of arguments, if anything."""
+    if args.suite:
+        return "--suite takes no VIDEO, --gt or --results" if args.video or args.gt or args.results else None
+    if not args.gt:
+        return "--gt GT.txt is required (or --suite DIR)"
+    if args.results:
+        return None
+    if not args.video:
+        return "VIDEO is required (or --suite DIR, or --results FILE)"
+    if not (args.config or args.model):
+        return "give --config CONFIG or --model MODEL (how to run the pipeline)"
+    return None
+
+
+def _eval_results(args: argparse.Namespace, spec: RunSpec) -> list[SequenceResult]:
+    """A suite's sequences (each reported on stderr unless --json), an existing result file, or one video."""
+    if args.suite:
+        return evaluate_suite(args.suite, spec, on_sequence=None if args.json else (
+            lambda r: print(f"  {r.name}: {r.frames} frames in {r.seconds:.1f} s", file=sys.stderr)))
+    if args.results:
+        return [score_results(args.gt, args.results, args.video)]
+    return [evaluate(args.video, args.gt, spec)]
+
+
+def _print_eval(results: list[SequenceResult], tolerance_s: float) -> None:
+    print(metrics_table(results))
+    how = f"matched within {tolerance_s:g} s, boxes overlapping"
+    if len(results) == 1 and results[0].events is not None:
+        print(f"\nevents of {results[0].name} ({how}):")
+        print(events_table(results[0].events))
+    elif pooled_events(results):
+        print(f"\nevents, all sequences together ({how}):")
+        print(events_table(pooled_events(results)))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
 
     listed = _classes(args.classes)
@@ -108,33 +145,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     spec = RunSpec(config=args.config, camera=args.camera, model=args.model, family=args.family, classes=classes,
                    conf=args.conf, threads=args.threads, tolerance_s=args.tolerance_s, rules=args.rules,
                    tracker=tuple(args.tracker or ()))
-    if args.suite:
-        if args.video or args.gt or args.results:
-            return _fail("--suite takes no VIDEO, --gt or --results", EXIT_CONFIG)
-        results = evaluate_suite(args.suite, spec, on_sequence=None if args.json else (
-            lambda r: print(f"  {r.name}: {r.frames} frames in {r.seconds:.1f} s", file=sys.stderr)))
-    else:
-        if not args.gt:
-            return _fail("--gt GT.txt is required (or --suite DIR)", EXIT_CONFIG)
-        if args.results:
-            results = [score_results(args.gt, args.results, args.video)]
-        else:
-            if not args.video:
-                return _fail("VIDEO is required (or --suite DIR, or --results FILE)", EXIT_CONFIG)
-            if not (args.config or args.model):
-                return _fail("give --config CONFIG or --model MODEL (how to run the pipeline)", EXIT_CONFIG)
-            results = [evaluate(args.video, args.gt, spec)]
+    problem = _eval_usage(args)
+    if problem:
+        return _fail(problem, EXIT_CONFIG)
+    results = _eval_results(args, spec)
     if args.json:
         print(to_json(results))
         return EXIT_OK
-    print(metrics_table(results))
-    how = f"matched within {args.tolerance_s:g} s, boxes overlapping"
-    if len(results) == 1 and results[0].events is not None:
-        print(f"\nevents of {results[0].name} ({how}):")
-        print(events_table(results[0].events))
-    elif pooled_events(results):
-        print(f"\nevents, all sequences together ({how}):")
-        print(events_table(pooled_events(results)))
+    _print_eval(results, args.tolerance_s)
     return EXIT_OK
 
 

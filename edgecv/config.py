@@ -560,32 +560,51 @@ def _is_list(ann: Any) -> bool:
     return get_origin(ann) is Union and any(_is_list(a) for a in get_args(ann))
 
 
+_VALUE_ERROR = "Value error, "
+_ASSERTION = "Assertion failed, "
+
+
+def _unknown_key(loc: tuple, path: str, root: type[BaseModel]) -> str:
+    """'<path>: unknown key', with the closest valid key, else the valid keys, when they are known."""
+    key = str(loc[-1]) if loc else "?"
+    known = _known_keys(root, loc)
+    hint = difflib.get_close_matches(key, known, n=1)
+    extra = f" (did you mean '{hint[0]}'?)" if hint else (f" (valid keys: {', '.join(known)})" if known else "")
+    return f"{path}: unknown key{extra}"
+
+
+def _strip_prefix(msg: str) -> str:
+    """The message without pydantic's 'Value error, ' or 'Assertion failed, ' prefix."""
+    if msg.startswith(_VALUE_ERROR):
+        return msg[len(_VALUE_ERROR):]
+    if msg.startswith(_ASSERTION):
+        return msg[len(_ASSERTION):]
+    return msg
+
+
+def _with_input(msg: str, err: dict, path: str, typ: str) -> str:
+    """The message followed by the rejected value (redacted, shortened), unless it is a secret, a mapping or a list."""
+    secret = any(s in path.lower() for s in SECRET_KEYS)
+    if "input" not in err or secret or typ in ("value_error",) or isinstance(err["input"], (dict, list)):
+        return msg
+    shown = repr(redact_location(err["input"]) if isinstance(err["input"], str) else err["input"])
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{msg} (got {shown})"
+
+
 def _format_error(err: dict, root: type[BaseModel]) -> str:
     loc = err.get("loc", ())
     path = _loc(loc) or "(top level)"
     typ = err.get("type", "")
     msg = str(err.get("msg", "invalid"))
     if not loc and re.match(r"^(Value error, )?[A-Za-z_][\w.\[\]-]*: ", msg):  # a cross-field check naming its field
-        return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+        return msg[len(_VALUE_ERROR):] if msg.startswith(_VALUE_ERROR) else msg
     if typ == "extra_forbidden":
-        key = str(loc[-1]) if loc else "?"
-        known = _known_keys(root, loc)
-        hint = difflib.get_close_matches(key, known, n=1)
-        extra = f" (did you mean '{hint[0]}'?)" if hint else (f" (valid keys: {', '.join(known)})" if known else "")
-        return f"{path}: unknown key{extra}"
+        return _unknown_key(loc, path, root)
     if typ == "missing":
         return f"{path}: required field is missing"
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    elif msg.startswith("Assertion failed, "):
-        msg = msg[len("Assertion failed, "):]
-    secret = any(s in path.lower() for s in SECRET_KEYS)
-    if "input" in err and not secret and typ not in ("value_error",) and not isinstance(err["input"], (dict, list)):
-        shown = repr(redact_location(err["input"]) if isinstance(err["input"], str) else err["input"])
-        if len(shown) > 60:
-            shown = shown[:57] + "..."
-        msg = f"{msg} (got {shown})"
-    return f"{path}: {msg}"
+    return f"{path}: {_with_input(_strip_prefix(msg), err, path, typ)}"
 
 
 def parse(data: Any, source: str = "config", base_dir: Optional[Path] = None) -> Config:

@@ -254,6 +254,25 @@ class CameraWorker:
         t1 = time.perf_counter()
         if self._handoff is not None:  # handle() alone (no decode) takes a reload here
             self._apply_reconfigure()
+        tracks = self._track(frame, dets)
+        removed = [Removed(e.track_id, e.class_id, e.score, e.xyxy) for e in self.tracker.events
+                   if e.kind == TrackEventKind.REMOVED]
+        ctx = self._context(frame, tracks, semantic)
+        events: list[Event] = []
+        for rule in self.rules:
+            events.extend(rule.update(ctx, tracks, removed))
+        t2 = time.perf_counter()
+        if self.on_tracks is not None:
+            self.on_tracks(frame, tracks)
+        self._emit(frame, tracks, semantic, events)
+        self.events += len(events)
+        self.processed += 1
+        self.rules_ms.add((t2 - t1) * 1000)
+        return events
+
+    def _track(self, frame: Frame, dets: Detections) -> Detections:
+        """The tracks after this frame's detections (frames dropped since the last one counted), their boxes
+        clipped to the frame."""
         tracker = self._ensure_tracker()
         skipped = max(0, frame.index - self._last_index - 1) if self._last_index else 0
         self._last_index = frame.index
@@ -262,36 +281,33 @@ class CameraWorker:
         tracks = tracker.update(dets, frames_skipped=skipped, image=frame.image)
         w, h = self.frame_size = frame.size
         np.clip(tracks.xyxy, 0, np.array([w, h, w, h], np.float32), out=tracks.xyxy)  # Kalman boxes may overshoot
-        removed = [Removed(e.track_id, e.class_id, e.score, e.xyxy) for e in self.tracker.events
-                   if e.kind == TrackEventKind.REMOVED]
+        return tracks
+
+    def _context(self, frame: Frame, tracks: Detections, semantic: Optional[SemanticMasks]) -> FrameContext:
+        """What the rules see of this frame: its time (stream time for files), names, masks and mask areas."""
         fps = self.source.fps
         t = (frame.index - 1) / fps if (self.source.cfg.kind == "file" and fps) else frame.t_mono
         areas = tracks.data.get("mask_area")
         mask_areas = {} if areas is None or tracks.track_id is None else dict(
             zip(tracks.track_id.tolist(), areas.tolist()))
-        ctx = FrameContext(self.node, self.name, frame.index, frame.t_wall, t, frame.size, self.detector.names,
-                           self.epoch, semantic, mask_areas)
-        events: list[Event] = []
-        for rule in self.rules:
-            events.extend(rule.update(ctx, tracks, removed))
-        t2 = time.perf_counter()
-        if self.on_tracks is not None:
-            self.on_tracks(frame, tracks)
+        return FrameContext(self.node, self.name, frame.index, frame.t_wall, t, frame.size, self.detector.names,
+                            self.epoch, semantic, mask_areas)
+
+    def _emit(self, frame: Frame, tracks: Detections, semantic: Optional[SemanticMasks],
+              events: list[Event]) -> None:
+        """Hand the events to every sink, then to the ``on_events`` hook (its errors logged once each)."""
         for ev in events:
             for sink in self.sinks:
                 sink.emit(ev)
-        if events and self.on_events is not None:
-            try:
-                self.on_events(frame, tracks, semantic, events)
-            except Exception as e:  # a snapshot must never cost the camera its events
-                msg = f"camera {self.name}: event hook failed: {type(e).__name__}: {e}"
-                if msg != self._hook_error:
-                    log.exception(msg)
-                self._hook_error = msg
-        self.events += len(events)
-        self.processed += 1
-        self.rules_ms.add((t2 - t1) * 1000)
-        return events
+        if not events or self.on_events is None:
+            return
+        try:
+            self.on_events(frame, tracks, semantic, events)
+        except Exception as e:  # a snapshot must never cost the camera its events
+            msg = f"camera {self.name}: event hook failed: {type(e).__name__}: {e}"
+            if msg != self._hook_error:
+                log.exception(msg)
+            self._hook_error = msg
 
 
 class InferenceWorker:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from . import EdgecvError
-from .config import load
+from .config import Config, load
 from .daemon import Daemon, Signals, setup_logging
 
 log = logging.getLogger("edgecv.soak")
@@ -146,73 +146,102 @@ class _Probe:
                 "cameras": ",".join(states), "mqtt": mqtt}
 
 
-def soak(config: str, duration_s: float, interval_s: float = 10.0, warmup_s: Optional[float] = None,
-         out: Optional[str] = None, bounds: Optional[Bounds] = None, stream: TextIO = sys.stdout) -> int:
+class _Sampler:
+    """The sampler thread's work: every ``interval_s`` a sample, printed as a row (and written to the CSV); the
+    daemon is stopped once ``duration_s`` is reached, or when sampling fails."""
 
+    def __init__(self, daemon: Any, probe: _Probe, t0: float, duration_s: float, interval_s: float,
+                 stream: TextIO, csv_file: Optional[TextIO]) -> None:
+        self.daemon = daemon
+        self.probe = probe
+        self.t0 = t0
+        self.duration_s = duration_s
+        self.interval_s = interval_s
+        self.stream = stream
+        self.csv_file = csv_file
+        self.samples: list[SoakSample] = []
+        self.writer = csv.DictWriter(csv_file, [f.name for f in fields(SoakSample)]) if csv_file else None
+        if self.writer:
+            self.writer.writeheader()
+        self.done = threading.Event()
+
+    def take(self) -> None:
+        p = proc_sample()
+        s = SoakSample(t_s=round(time.monotonic() - self.t0, 1), rss_mb=p.rss_mb, threads=p.threads, fds=p.fds,
+                       **self.probe.figures())
+        self.samples.append(s)
+        print(format_row(asdict(s)), file=self.stream, flush=True)
+        if self.writer:
+            self.writer.writerow(asdict(s))
+            self.csv_file.flush()
+
+    def run(self) -> None:
+        t0, interval_s, duration_s = self.t0, self.interval_s, self.duration_s
+        try:
+            next_t = t0 + interval_s
+            while not self.done.wait(max(0.0, next_t - time.monotonic())):
+                self.take()
+                if time.monotonic() - t0 >= duration_s - 1e-3:
+                    self.daemon.stop_event.set()
+                    return
+                next_t = min(next_t + interval_s, t0 + duration_s)
+        except Exception as e:  # never leave the daemon running unobserved
+            log.error("soak sampler failed: %s: %s", type(e).__name__, e)
+            self.daemon.stop_event.set()
+
+
+def _soak_config(config: str) -> Config:
+    """The config with its file cameras looping and the console sink off (the sample table owns stdout: events
+    still go to MQTT and the spool)."""
+    cfg = load(config)
+    cams = {n: (c.model_copy(update={"loop": True}) if c.kind == "file" else c) for n, c in cfg.cameras.items()}
+    return cfg.model_copy(update={"cameras": cams, "console": cfg.console.model_copy(update={"enabled": False})})
+
+
+def _check_args(duration_s: float, interval_s: float) -> None:
     if duration_s <= 0 or interval_s <= 0:
         raise EdgecvError("--duration and --interval: expected positive numbers of seconds")
     if not os.path.isdir("/proc/self/fd"):
         raise EdgecvError("soak: needs Linux /proc to read memory, threads and file descriptors")
+
+
+def _stopped_early(elapsed: float, duration_s: float, code: int) -> Optional[str]:
+    if elapsed < duration_s - 1.0:
+        return f"the daemon stopped after {elapsed:.0f} s of {duration_s:.0f} s (exit {code})"
+    return None
+
+
+def soak(config: str, duration_s: float, interval_s: float = 10.0, warmup_s: Optional[float] = None,
+         out: Optional[str] = None, bounds: Optional[Bounds] = None, stream: TextIO = sys.stdout) -> int:
+
+    _check_args(duration_s, interval_s)
     bounds = bounds or Bounds()
     warmup = min(120.0, duration_s / 4) if warmup_s is None else warmup_s
-    cfg = load(config)
-    cams = {n: (c.model_copy(update={"loop": True}) if c.kind == "file" else c) for n, c in cfg.cameras.items()}
-    # the sample table owns stdout: events still go to MQTT (and the spool), not to the console
-    cfg = cfg.model_copy(update={"cameras": cams, "console": cfg.console.model_copy(update={"enabled": False})})
+    cfg = _soak_config(config)
     setup_logging(cfg.log_level)
     signals = Signals().install(reload=False)
     daemon = Daemon(cfg, signals=signals)
     signals.starting = False
     probe = _Probe(daemon)
-    samples: list[SoakSample] = []
     t0 = time.monotonic()
     csv_file = open(out, "w", newline="", encoding="utf-8") if out else None
-    writer = csv.DictWriter(csv_file, [f.name for f in fields(SoakSample)]) if csv_file else None
-    if writer:
-        writer.writeheader()
-    done = threading.Event()
-
-    def take() -> None:
-        p = proc_sample()
-        s = SoakSample(t_s=round(time.monotonic() - t0, 1), rss_mb=p.rss_mb, threads=p.threads, fds=p.fds,
-                       **probe.figures())
-        samples.append(s)
-        print(format_row(asdict(s)), file=stream, flush=True)
-        if writer:
-            writer.writerow(asdict(s))
-            csv_file.flush()
-
-    def sampler() -> None:
-        try:
-            next_t = t0 + interval_s
-            while not done.wait(max(0.0, next_t - time.monotonic())):
-                take()
-                if time.monotonic() - t0 >= duration_s - 1e-3:
-                    daemon.stop_event.set()
-                    return
-                next_t = min(next_t + interval_s, t0 + duration_s)
-        except Exception as e:  # never leave the daemon running unobserved
-            log.error("soak sampler failed: %s: %s", type(e).__name__, e)
-            daemon.stop_event.set()
+    sampler = _Sampler(daemon, probe, t0, duration_s, interval_s, stream, csv_file)
 
     print(f"edgecv bench soak: {config} for {duration_s:.0f} s, sample every {interval_s:g} s, warm-up "
           f"{warmup:.0f} s, bounds RSS +{bounds.rss_mb:g} MB, threads +{bounds.threads}, fds +{bounds.fds}"
           + (f", CSV {out}" if out else ""), file=stream, flush=True)
     print(format_row({k: k for k, _ in COLUMNS}), file=stream, flush=True)
-    thread = threading.Thread(target=sampler, name="soak-sampler", daemon=True)
+    thread = threading.Thread(target=sampler.run, name="soak-sampler", daemon=True)
     thread.start()
     try:
         code = daemon.run()
     finally:
-        done.set()
+        sampler.done.set()
         thread.join(5)
         if csv_file:
             csv_file.close()
     elapsed = time.monotonic() - t0
-    early = None
-    if elapsed < duration_s - 1.0:
-        early = f"the daemon stopped after {elapsed:.0f} s of {duration_s:.0f} s (exit {code})"
-    v = verdict(samples, warmup, bounds, early)
+    v = verdict(sampler.samples, warmup, bounds, _stopped_early(elapsed, duration_s, code))
     print(v.text, file=stream, flush=True)
     return 0 if v.ok else 1
 

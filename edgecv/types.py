@@ -105,16 +105,13 @@ class Detections:
         parts = [p for p in parts]
         if not parts:
             return cls.empty()
-        has_tid = all(p.track_id is not None for p in parts)
-        has_mask = all(p.mask is not None for p in parts)
-        keys = set.intersection(*(set(p.data) for p in parts)) if parts else set()
         return cls(
             np.concatenate([p.xyxy for p in parts]),
             np.concatenate([p.score for p in parts]),
             np.concatenate([p.class_id for p in parts]),
-            track_id=np.concatenate([p.track_id for p in parts]) if has_tid else None,
-            mask=np.concatenate([p.mask for p in parts]) if has_mask else None,
-            data={k: np.concatenate([p.data[k] for p in parts]) for k in keys},
+            track_id=_concat_all([p.track_id for p in parts]),
+            mask=_concat_all([p.mask for p in parts]),
+            data=_concat_common(parts),
             metadata=parts[0].metadata,
         )
 
@@ -124,6 +121,17 @@ class Detections:
 
     def __repr__(self) -> str:
         return f"Detections(n={len(self)}, track_id={'yes' if self.track_id is not None else 'no'})"
+
+
+def _concat_all(arrays: list[Optional[np.ndarray]]) -> Optional[np.ndarray]:
+    """The arrays concatenated, or None unless every part has one (track ids, masks)."""
+    return np.concatenate(arrays) if all(a is not None for a in arrays) else None
+
+
+def _concat_common(parts: list[Detections]) -> dict[str, np.ndarray]:
+    """The ``data`` arrays every part has, concatenated (the others are dropped)."""
+    keys = set.intersection(*(set(p.data) for p in parts))
+    return {k: np.concatenate([p.data[k] for p in parts]) for k in keys}
 
 
 ANCHORS = ("bottom_center", "center", "top_center", "bottom_left", "bottom_right", "top_left", "top_right")

@@ -39,6 +39,46 @@ def read_dets(path: Path) -> dict[int, np.ndarray]:
     return {int(f): rows[rows[:, 0] == f] for f in np.unique(rows[:, 0])}
 
 
+def read_video(path: Path) -> list[np.ndarray]:
+    frames = []
+    cap = cv2.VideoCapture(str(path))
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    cap.release()
+    return frames
+
+
+def _detections(rows: np.ndarray) -> sv.Detections:
+    """det-format rows (``frame,-1,x,y,w,h,score,class``) as supervision detections."""
+    xyxy = np.concatenate([rows[:, 2:4], rows[:, 2:4] + rows[:, 4:6]], axis=1).reshape(-1, 4)
+    return sv.Detections(xyxy=xyxy.astype(np.float32), confidence=rows[:, 6].astype(np.float32),
+                         class_id=rows[:, 7].astype(int))
+
+
+def _mot_lines(index: int, out: sv.Detections) -> list[str]:
+    """A tracker's output of frame ``index`` as MOT result lines (tracked boxes only)."""
+    ids = out.tracker_id if out.tracker_id is not None else np.zeros(0, int)
+    conf = out.confidence if out.confidence is not None else np.ones(len(out))
+    return [f"{index},{tid},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{score:.4f},-1,-1,-1\n"
+            for (x1, y1, x2, y2), tid, score in zip(out.xyxy.tolist(), ids.tolist(), conf.tolist()) if tid >= 0]
+
+
+def run_tracker(name: str, fps: float, frames: list[np.ndarray], dets: dict[int, np.ndarray]) -> tuple[str, float]:
+    """One peer tracker over every frame: its MOT result text and its median time per ``update`` (ms)."""
+    tracker = PEERS[name](fps)
+    lines, times = [], []
+    for index, image in enumerate(frames, 1):
+        det = _detections(dets.get(index, np.zeros((0, 8))))
+        t0 = time.perf_counter()
+        out = tracker.update(det, frame=image) if name in NEEDS_FRAMES else tracker.update(det)
+        times.append((time.perf_counter() - t0) * 1000)
+        lines += _mot_lines(index, out)
+    return "".join(lines), float(np.median(times))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dets", required=True, type=Path)
@@ -53,37 +93,15 @@ def main() -> int:
         print(f"peer_trackers: unknown tracker {unknown[0]!r}; known: {', '.join(PEERS)}", file=sys.stderr)
         return 2
     dets = read_dets(args.dets)
-    frames = []
-    cap = cv2.VideoCapture(str(args.video))
-    while True:
-        ok, img = cap.read()
-        if not ok:
-            break
-        frames.append(img)
-    cap.release()
+    frames = read_video(args.video)
     if not frames:
         print(f"peer_trackers: no frame decoded from {args.video}", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     timing = {}
     for name in names:
-        tracker = PEERS[name](args.fps)
-        lines, times = [], []
-        for index, image in enumerate(frames, 1):
-            rows = dets.get(index, np.zeros((0, 8)))
-            xyxy = np.concatenate([rows[:, 2:4], rows[:, 2:4] + rows[:, 4:6]], axis=1).reshape(-1, 4)
-            det = sv.Detections(xyxy=xyxy.astype(np.float32), confidence=rows[:, 6].astype(np.float32),
-                                class_id=rows[:, 7].astype(int))
-            t0 = time.perf_counter()
-            out = tracker.update(det, frame=image) if name in NEEDS_FRAMES else tracker.update(det)
-            times.append((time.perf_counter() - t0) * 1000)
-            ids = out.tracker_id if out.tracker_id is not None else np.zeros(0, int)
-            conf = out.confidence if out.confidence is not None else np.ones(len(out))
-            for (x1, y1, x2, y2), tid, score in zip(out.xyxy.tolist(), ids.tolist(), conf.tolist()):
-                if tid >= 0:
-                    lines.append(f"{index},{tid},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{score:.4f},-1,-1,-1\n")
-        (args.out / f"{name}.txt").write_text("".join(lines), encoding="utf-8")
-        timing[name] = float(np.median(times))
+        text, timing[name] = run_tracker(name, args.fps, frames, dets)
+        (args.out / f"{name}.txt").write_text(text, encoding="utf-8")
     (args.out / "timing.json").write_text(json.dumps(timing), encoding="utf-8")
     return 0
 

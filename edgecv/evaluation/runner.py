@@ -16,9 +16,17 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from .. import EdgecvError
-from ..config import ConfigError, load, load_yaml
+from ..config import Config, ConfigError, load, load_yaml
 from ..pipeline import build_rules, tracker_config
-from ..track import config_for_video, load_offline_models, offline_config, run_offline, with_tracker
+from ..models import ModelSet
+from ..track import (
+    OfflineRun,
+    config_for_video,
+    load_offline_models,
+    offline_config,
+    run_offline,
+    with_tracker,
+)
 from ..types import Detections, Event, Frame
 from .events import EventScore, event_key, match_events, reference_events, scored_rules
 from .metrics import COLUMNS, mean_row, score
@@ -100,12 +108,9 @@ def load_rules(path: str) -> dict:
     return data
 
 
-def evaluate(video: str, gt_path: str, spec: RunSpec, name: Optional[str] = None,
-             on_detections: Optional[Callable[[Frame, Detections], None]] = None) -> SequenceResult:
-    """Run the pipeline on ``video`` as ``spec`` says and score it against ``gt_path``."""
-    if not Path(video).is_file():
-        raise EdgecvError(f"VIDEO: file not found: {video}")
-    gt = load_gt(gt_path)
+def _setup(video: str, gt: MotSequence, spec: RunSpec) -> tuple[Config, str, ModelSet]:
+    """The config, camera and models of a run on ``video``: ``spec``'s config (its camera's source replaced by the
+    video), or its model with the command-line settings (classes: the gt's labels unless given)."""
     if spec.config:
         try:
             base = load(spec.config)
@@ -113,16 +118,42 @@ def evaluate(video: str, gt_path: str, spec: RunSpec, name: Optional[str] = None
             raise EdgecvError("; ".join(e.problems)) from None
         cfg, camera = config_for_video(base, spec.camera, str(Path(video).resolve()))
         cfg = with_tracker(cfg, spec.tracker)
-        models = load_offline_models(cfg)
-    elif spec.model:
+        return cfg, camera, load_offline_models(cfg)
+    if spec.model:
         classes = list(spec.classes) if spec.classes else gt.labels()
         rules = load_rules(spec.rules) if spec.rules else None
         cfg, camera = offline_config(str(Path(video).resolve()), spec.model, spec.family, classes, spec.conf,
                                      spec.threads, rules=rules), "video"
         cfg = with_tracker(cfg, spec.tracker)
-        models = load_offline_models(cfg, cli=True)
-    else:
-        raise EdgecvError("give --config CONFIG or --model MODEL (how to run the pipeline)")
+        return cfg, camera, load_offline_models(cfg, cli=True)
+    raise EdgecvError("give --config CONFIG or --model MODEL (how to run the pipeline)")
+
+
+def _score_events(cfg: Config, camera: str, models: ModelSet, gt: MotSequence, run: OfflineRun,
+                  predicted: list[Event], fps: float, tolerance_s: float) -> Optional[list[EventScore]]:
+    """The zone and line events found against those the gt's tracks give; None when the camera has no such rule."""
+    cam = cfg.cameras[camera]
+    rules = scored_rules(build_rules(cam, models.detector))
+    if not rules:
+        return None
+    label = _gt_label(cfg, models.detector, gt)
+    ref = reference_events(rules, gt, models.detector.class_ids([label])[0], models.detector.names, fps,
+                           run.frame_size, run.frames, tracker_config(cfg, fps, models.detector.family).lost_buffer, camera,
+                           cfg.node_id)
+    names = {r.name for r in rules}
+    pred = [e for e in predicted if e.rule in names and event_key(e)[0].startswith(("zone.", "line."))]
+    tolerance = max(1, int(math.ceil(tolerance_s * fps)))
+    expected = [("line.cross", r.name, d) for r in rules if r.kind == "line" for d in ("in", "out")]
+    return match_events(pred, ref, tolerance, keys=expected)
+
+
+def evaluate(video: str, gt_path: str, spec: RunSpec, name: Optional[str] = None,
+             on_detections: Optional[Callable[[Frame, Detections], None]] = None) -> SequenceResult:
+    """Run the pipeline on ``video`` as ``spec`` says and score it against ``gt_path``."""
+    if not Path(video).is_file():
+        raise EdgecvError(f"VIDEO: file not found: {video}")
+    gt = load_gt(gt_path)
+    cfg, camera, models = _setup(video, gt, spec)
     collector = _Collector()
     run = run_offline(cfg, models, camera, sinks=[collector], on_tracks=collector.tracks, on_detections=on_detections)
     if not run.frames:
@@ -130,19 +161,7 @@ def evaluate(video: str, gt_path: str, spec: RunSpec, name: Optional[str] = None
     tracks = MotSequence(collector.frames)
     metrics = score(gt, tracks, last_frame=run.frames)
     fps = run.source_fps or 10.0
-    cam = cfg.cameras[camera]
-    rules = scored_rules(build_rules(cam, models.detector))
-    events = None
-    if rules:
-        label = _gt_label(cfg, models.detector, gt)
-        ref = reference_events(rules, gt, models.detector.class_ids([label])[0], models.detector.names, fps,
-                               run.frame_size, run.frames, tracker_config(cfg, fps, models.detector.family).lost_buffer, camera,
-                               cfg.node_id)
-        names = {r.name for r in rules}
-        pred = [e for e in collector.events if e.rule in names and event_key(e)[0].startswith(("zone.", "line."))]
-        tolerance = max(1, int(math.ceil(spec.tolerance_s * fps)))
-        expected = [("line.cross", r.name, d) for r in rules if r.kind == "line" for d in ("in", "out")]
-        events = match_events(pred, ref, tolerance, keys=expected)
+    events = _score_events(cfg, camera, models, gt, run, collector.events, fps, spec.tolerance_s)
     return SequenceResult(name or _name(video), run.frames, fps, run.seconds, metrics, events, tracks=tracks)
 
 

@@ -60,33 +60,35 @@ def _label(image: np.ndarray, text: str, x: float, y: float, color: tuple[int, i
     cv2.putText(image, text, (x0 + 1, y0 - base // 2 - 1), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
 
 
-def render(image: np.ndarray, tracks: Detections, names: Sequence[str], semantic: Optional[SemanticMasks] = None,
-           camera: Optional[CameraConfig] = None, events: Sequence[Event] = (), draw_masks: bool = True) -> np.ndarray:
-    """A copy of the BGR ``image`` with masks, geometry, tracks and the frame's events drawn on it."""
-    out = image.copy()
-    h, w = out.shape[:2]
-    scale = max(0.35, min(1.0, w / 1600))
-    thick = max(1, int(round(w / 640)))
-    if draw_masks and semantic is not None:
+def _draw_masks(out: np.ndarray, tracks: Detections, ids: np.ndarray, semantic: Optional[SemanticMasks]) -> None:
+    """Semantic masks first, then each track's instance mask in its colour."""
+    if semantic is not None:
         for name, mask in semantic.masks.items():
             _blend(out, mask, SEMANTIC_COLORS.get(name, DEFAULT_SEMANTIC))
-    ids = tracks.track_id if tracks.track_id is not None else np.zeros(len(tracks), np.int64)
-    if draw_masks and tracks.mask is not None:
+    if tracks.mask is not None:
         for tid, mask in zip(ids.tolist(), tracks.mask):
             _blend(out, mask, track_color(tid))
-    if camera is not None:
-        for zname, z in camera.zones.items():
-            pts = np.round(np.asarray(z.polygon, np.float32)).astype(np.int32)
-            cv2.polylines(out, [pts], True, ZONE_COLOR, thick, cv2.LINE_AA)
-            _label(out, zname, float(pts[:, 0].min()), float(pts[:, 1].min()), ZONE_COLOR, scale)
-        for lname, ln in camera.lines.items():
-            (x1, y1), (x2, y2) = ln.points
-            cv2.line(out, (int(x1), int(y1)), (int(x2), int(y2)), LINE_COLOR, thick + 1, cv2.LINE_AA)
-            _label(out, lname, x1, y1, LINE_COLOR, scale)
-        col = camera.driving.collision if camera.driving is not None else None
-        if col is not None and col.ego_corridor:
-            pts = np.round(np.asarray(col.ego_corridor, np.float32)).astype(np.int32)
-            cv2.polylines(out, [pts], True, CORRIDOR_COLOR, thick, cv2.LINE_AA)
+
+
+def _draw_geometry(out: np.ndarray, camera: CameraConfig, thick: int, scale: float) -> None:
+    """The camera's zones, lines and ego corridor."""
+    for zname, z in camera.zones.items():
+        pts = np.round(np.asarray(z.polygon, np.float32)).astype(np.int32)
+        cv2.polylines(out, [pts], True, ZONE_COLOR, thick, cv2.LINE_AA)
+        _label(out, zname, float(pts[:, 0].min()), float(pts[:, 1].min()), ZONE_COLOR, scale)
+    for lname, ln in camera.lines.items():
+        (x1, y1), (x2, y2) = ln.points
+        cv2.line(out, (int(x1), int(y1)), (int(x2), int(y2)), LINE_COLOR, thick + 1, cv2.LINE_AA)
+        _label(out, lname, x1, y1, LINE_COLOR, scale)
+    col = camera.driving.collision if camera.driving is not None else None
+    if col is not None and col.ego_corridor:
+        pts = np.round(np.asarray(col.ego_corridor, np.float32)).astype(np.int32)
+        cv2.polylines(out, [pts], True, CORRIDOR_COLOR, thick, cv2.LINE_AA)
+
+
+def _draw_tracks(out: np.ndarray, tracks: Detections, ids: np.ndarray, names: Sequence[str],
+                 events: Sequence[Event], thick: int, scale: float) -> None:
+    """Every track's box and ``label #id``; tracks named by an event get a thicker box."""
     flagged = {e.object.track_id for e in events if e.object is not None}
     for tid, cid, box in zip(ids.tolist(), tracks.class_id.tolist(), tracks.xyxy):
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
@@ -94,16 +96,41 @@ def render(image: np.ndarray, tracks: Detections, names: Sequence[str], semantic
         cv2.rectangle(out, (x1, y1), (x2, y2), color, thick * (2 if tid in flagged else 1))
         label = names[cid] if 0 <= cid < len(names) else str(cid)
         _label(out, f"{label} #{tid}", x1, y1 - 1, color, scale)
+
+
+def _event_text(ev: Event) -> str:
+    extra = [f"{k}={v}" for k, v in ev.fields.items() if k in ("zone", "line", "direction", "ttc_s")]
+    who = f" #{ev.object.track_id}" if ev.object is not None else ""
+    return " ".join([ev.type + who, *extra])
+
+
+def _draw_events(out: np.ndarray, events: Sequence[Event], scale: float) -> None:
+    """The frame's events, one line each from the top left, as many as fit."""
+    h = out.shape[0]
     y = 4
     for ev in events:
-        extra = [f"{k}={v}" for k, v in ev.fields.items() if k in ("zone", "line", "direction", "ttc_s")]
-        who = f" #{ev.object.track_id}" if ev.object is not None else ""
-        text = " ".join([ev.type + who, *extra])
+        text = _event_text(ev)
         (_, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         y += th + base + 4
         if y > h:
             break
         _label(out, text, 4, y, TEXT_COLOR, scale)
+
+
+def render(image: np.ndarray, tracks: Detections, names: Sequence[str], semantic: Optional[SemanticMasks] = None,
+           camera: Optional[CameraConfig] = None, events: Sequence[Event] = (), draw_masks: bool = True) -> np.ndarray:
+    """A copy of the BGR ``image`` with masks, geometry, tracks and the frame's events drawn on it."""
+    out = image.copy()
+    w = out.shape[1]
+    scale = max(0.35, min(1.0, w / 1600))
+    thick = max(1, int(round(w / 640)))
+    ids = tracks.track_id if tracks.track_id is not None else np.zeros(len(tracks), np.int64)
+    if draw_masks:
+        _draw_masks(out, tracks, ids, semantic)
+    if camera is not None:
+        _draw_geometry(out, camera, thick, scale)
+    _draw_tracks(out, tracks, ids, names, events, thick, scale)
+    _draw_events(out, events, scale)
     return out
 
 

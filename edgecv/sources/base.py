@@ -223,46 +223,8 @@ class Source:
         return self._stop.wait(seconds)
 
     def _run(self) -> None:
-        delay = self.cfg.reconnect.initial_s
-        attempts = 0
         try:
-            while not self._stop.is_set():
-                self._set_state("connecting", self.reason if self.state in ("stalled", "connecting") else "")
-                try:
-                    self._cap = self._open()
-                except OpenError as e:
-                    if not self.live or e.fatal:
-                        self._set_state("failed", str(e))
-                        return
-                    attempts += 1
-                    self._set_state("connecting", f"{e}; attempt {attempts}, retry in {delay:.1f}s")
-                    if self._sleep(delay * random.uniform(0.9, 1.1)):
-                        break
-                    delay = min(delay * 2, self.cfg.reconnect.max_s)
-                    continue
-                attempts = 0
-                fps = self._cap.get(cv2.CAP_PROP_FPS)
-                self.fps = float(fps) if fps and 0 < fps < 1000 else 0.0
-                read_before = self.stats.read
-                outcome = self._stream()
-                self._release()
-                if outcome == "stop":
-                    break
-                if outcome == "eof":
-                    if self.cfg.loop and self.stats.read > 0:
-                        continue
-                    self._set_state("stopped", self._eof_reason())
-                    return
-                if outcome == "fail":
-                    return
-                # "lost": reconnect with backoff (from the start again when the stream had delivered frames)
-                self.stats.reconnects += 1
-                if read_before != self.stats.read:
-                    delay = self.cfg.reconnect.initial_s
-                if self._sleep(min(delay, self.cfg.reconnect.max_s)):
-                    break
-                delay = min(delay * 2, self.cfg.reconnect.max_s)
-            if not self._fail_reason:
+            if self._capture_loop() and not self._fail_reason:
                 self._set_state("stopped", "shutdown")
         except Exception as e:  # a capture thread must never die silently
             log.exception("camera %s: capture thread crashed", self.name)
@@ -270,6 +232,67 @@ class Source:
         finally:
             self._release()
             self.slot.close()
+
+    def _capture_loop(self) -> bool:
+        """Open, stream, reopen until the end. True when stopped (shutdown, or stop() during a back-off), False
+        when the source ended on its own (failed, or a file's end)."""
+        delay = self.cfg.reconnect.initial_s
+        attempts = 0
+        while not self._stop.is_set():
+            self._set_state("connecting", self.reason if self.state in ("stalled", "connecting") else "")
+            try:
+                self._cap = self._open()
+            except OpenError as e:
+                attempts += 1
+                ended = self._open_failed(e, attempts, delay)
+                if ended is not None:
+                    return ended
+                delay = min(delay * 2, self.cfg.reconnect.max_s)
+                continue
+            attempts = 0
+            read_before = self.stats.read
+            outcome = self._stream_opened()
+            if outcome == "stop":
+                return True
+            if outcome == "eof":
+                if self.cfg.loop and self.stats.read > 0:
+                    continue
+                self._set_state("stopped", self._eof_reason())
+                return False
+            if outcome == "fail":
+                return False
+            # "lost": reconnect with backoff (from the start again when the stream had delivered frames)
+            delay = self._lost(delay, read_before)
+            if delay is None:
+                return True
+        return True
+
+    def _open_failed(self, e: OpenError, attempts: int, delay: float) -> Optional[bool]:
+        """An open failed: None to try again after the back-off; else how the capture loop ends (see there)."""
+        if not self.live or e.fatal:
+            self._set_state("failed", str(e))
+            return False
+        self._set_state("connecting", f"{e}; attempt {attempts}, retry in {delay:.1f}s")
+        if self._sleep(delay * random.uniform(0.9, 1.1)):
+            return True
+        return None
+
+    def _stream_opened(self) -> str:
+        """Stream the capture just opened (its frame rate read first), then release it; the outcome of _stream."""
+        fps = self._cap.get(cv2.CAP_PROP_FPS)
+        self.fps = float(fps) if fps and 0 < fps < 1000 else 0.0
+        outcome = self._stream()
+        self._release()
+        return outcome
+
+    def _lost(self, delay: float, read_before: int) -> Optional[float]:
+        """The stream was lost: wait before reconnecting. The next back-off, or None when stopped meanwhile."""
+        self.stats.reconnects += 1
+        if read_before != self.stats.read:
+            delay = self.cfg.reconnect.initial_s
+        if self._sleep(min(delay, self.cfg.reconnect.max_s)):
+            return None
+        return min(delay * 2, self.cfg.reconnect.max_s)
 
     def _stream(self) -> str:
         """Read frames until end/stall/stop. Returns 'eof', 'lost', 'stop' or 'fail'."""
@@ -282,43 +305,62 @@ class Source:
         self._last_frame_mono = time.monotonic()
         self._reconnect_request.clear()
         while not self._stop.is_set():
-            self._read_since = time.monotonic()
-            try:
-                img = self._read(self._cap)
-            finally:
-                self._read_since = 0.0
+            img = self._read_timed()
             now = time.monotonic()
             if img is None:
                 return self._on_read_failure()
             if self._reconnect_request.is_set():
                 return "lost"
-            if self.state != "streaming":
-                self._stuck_warned = False
-                h, w = img.shape[:2]
-                self.frame_size = (w, h)
-                self._set_state("streaming", f"{w}x{h}" + (f" @ {self.fps:.1f} fps" if self.fps else ""))
-            index = self._next_index
-            self._next_index += 1
-            self.stats.read += 1
-            self._last_frame_mono = now
+            index = self._count_frame(img, now)
             if pace > 0:  # replay a file at its own frame rate
                 n0 += 1
-                due = t0 + n0 / pace
-                if due > now and self._sleep(due - now):
+                now = self._wait_until(t0 + n0 / pace, now)
+                if now is None:
                     return "stop"
-                now = time.monotonic()
             if min_dt and now - last_emit < min_dt * 0.999:
                 self.stats.skipped += 1
                 continue
             last_emit = now
-            frame = Frame(self.name, index, now, time.time(), img)
-            item = self.prepare(frame) if self.prepare is not None else frame
-            if not self.slot.put(item, self._stop):
+            if not self._hand_over(Frame(self.name, index, now, time.time(), img)):
                 return "stop"
-            if self.notify is not None:
-                self.notify.set()
-            self.stats.dropped = self.slot.dropped
         return "stop"
+
+    def _read_timed(self) -> Optional[np.ndarray]:
+        """One read, its start time visible to the watchdog while it lasts."""
+        self._read_since = time.monotonic()
+        try:
+            return self._read(self._cap)
+        finally:
+            self._read_since = 0.0
+
+    def _count_frame(self, img: np.ndarray, now: float) -> int:
+        """A frame was read at ``now``: streaming (said once, with its size), counted; its index."""
+        if self.state != "streaming":
+            self._stuck_warned = False
+            h, w = img.shape[:2]
+            self.frame_size = (w, h)
+            self._set_state("streaming", f"{w}x{h}" + (f" @ {self.fps:.1f} fps" if self.fps else ""))
+        index = self._next_index
+        self._next_index += 1
+        self.stats.read += 1
+        self._last_frame_mono = now
+        return index
+
+    def _wait_until(self, due: float, now: float) -> Optional[float]:
+        """Sleep until ``due`` (monotonic) when it is later than ``now``; the time after, or None when stopped."""
+        if due > now and self._sleep(due - now):
+            return None
+        return time.monotonic()
+
+    def _hand_over(self, frame: Frame) -> bool:
+        """Put the frame (made into the consumer's item by ``prepare``) in the slot; False when stopped."""
+        item = self.prepare(frame) if self.prepare is not None else frame
+        if not self.slot.put(item, self._stop):
+            return False
+        if self.notify is not None:
+            self.notify.set()
+        self.stats.dropped = self.slot.dropped
+        return True
 
     def _pace(self) -> float:
         """Frames per second to replay at (0: as fast as the source delivers)."""

@@ -101,38 +101,57 @@ class CameraMotion:
         ``exclude``: (N, 4) boxes (source pixels, this frame) of objects whose points must not be used
         (they move on their own); they mask the corners taken from this frame when new ones are needed.
         """
-        if self.method == "auto" and not self.moving and self._prev is not None and image.shape[1::-1] == self._size:
-            self._skipped += 1
-            if self._skipped < self.still_every:
-                return None  # a still camera is only looked at now and then
+        if self._skip_still(image):
+            return None  # a still camera is only looked at now and then
         self._skipped = 0
         grey = self._small_grey(image)
-        prev, prev_pts = self._prev, self._prev_pts
-        matrix, kept = None, None
-        if prev is not None:
-            if self.method == "ecc":
-                matrix = self._ecc(prev, grey)
-            else:
-                matrix, kept = self._flow(prev, grey, prev_pts)
-            if matrix is not None:
-                matrix = matrix.copy()
-                matrix[:, 2] *= self._scale  # only the translation depends on the pixel size
+        matrix, kept = self._measure(self._prev, grey, self._prev_pts)
         self._prev = grey
         if self.method != "ecc":
-            # the background points that agreed are followed on; corners are only searched again (the
-            # costly part) when too few are left
-            if kept is None or len(kept) < self.max_corners // 2:
-                fresh = self._corners(grey, exclude)
-                kept = fresh if kept is None or fresh is None else np.concatenate([kept, fresh])[:self.max_corners]
-            self._prev_pts = kept
+            self._prev_pts = self._follow(grey, kept, exclude)
         if matrix is not None and self.method == "auto":
-            if self._significant(matrix):
-                self.moving, self._still_looks = True, 0
-            else:
-                self._still_looks += 1
-                self.moving = self.moving and self._still_looks < self.still_every
-                return None
+            return self._auto_gate(matrix)
         return matrix
+
+    def _skip_still(self, image: np.ndarray) -> bool:
+        """auto: whether this call is one of those not looked at while the camera keeps still."""
+        if self.method == "auto" and not self.moving and self._prev is not None and image.shape[1::-1] == self._size:
+            self._skipped += 1
+            return self._skipped < self.still_every
+        return False
+
+    def _measure(self, prev: Optional[np.ndarray], grey: np.ndarray,
+                 prev_pts: Optional[np.ndarray]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        """The motion prev -> grey in source pixels (or None) and, for the flow, the inlier points moved into grey."""
+        if prev is None:
+            return None, None
+        kept = None
+        if self.method == "ecc":
+            matrix = self._ecc(prev, grey)
+        else:
+            matrix, kept = self._flow(prev, grey, prev_pts)
+        if matrix is not None:
+            matrix = matrix.copy()
+            matrix[:, 2] *= self._scale  # only the translation depends on the pixel size
+        return matrix, kept
+
+    def _follow(self, grey: np.ndarray, kept: Optional[np.ndarray],
+                exclude: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """The points to follow into the next frame: the background points that agreed, topped up with new
+        corners (the costly part) only when too few are left."""
+        if kept is None or len(kept) < self.max_corners // 2:
+            fresh = self._corners(grey, exclude)
+            kept = fresh if kept is None or fresh is None else np.concatenate([kept, fresh])[:self.max_corners]
+        return kept
+
+    def _auto_gate(self, matrix: np.ndarray) -> Optional[np.ndarray]:
+        """auto: the motion when the camera is seen to move, else None (and count the still look)."""
+        if self._significant(matrix):
+            self.moving, self._still_looks = True, 0
+            return matrix
+        self._still_looks += 1
+        self.moving = self.moving and self._still_looks < self.still_every
+        return None
 
     def _significant(self, matrix: np.ndarray) -> bool:
         linear = matrix[:, :2] - np.eye(2)
