@@ -22,9 +22,11 @@ from typing import Any, Optional
 import cv2
 import numpy as np
 
-from . import EdgecvError, assets
+from . import EdgecvError, UsageError, assets
 from .config import CameraConfig, Config, ConfigError, load, parse, resolve_path
-from .engine.bench import bench_model
+from .engine.backend import DYNAMIC_MAX_BATCH
+from .engine.bench import bench_batch, bench_model
+from .engine.onnx_batch import rewrite_file, sample_frames
 from .engine.registry import build_detector
 from .evaluation.compare import (
     compare_suite,
@@ -280,9 +282,65 @@ def run_bench_trackers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_sizes(text: str) -> list[int]:
+    """--batches: comma-separated batch sizes, each 1 to DYNAMIC_MAX_BATCH."""
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or not all(1 <= b <= DYNAMIC_MAX_BATCH for b in sizes):
+        raise UsageError(f"--batches: expected comma-separated numbers 1 to {DYNAMIC_MAX_BATCH}, got {text!r}")
+    return sizes
+
+
+def bench_batch_rows(model: Path, video: Path, threads: Optional[int], frames: int,
+                     sizes: list[int]) -> list[tuple[str, str]]:
+    """Inference time per batch size on different frames of ``video``; a fixed-batch ONNX model is made dynamic
+    for the benchmark (as `edgecv model dynamic-batch`, without its check) and timed as it was at batch 1 too."""
+    with tempfile.TemporaryDirectory() as tmp:
+        detector = original = build_detector(model, threads=threads)
+        backend = detector.backend
+        if backend.max_batch < max(sizes) and backend.input_shape[0] > 0 and model.suffix == ".onnx":
+            rewrite_file(model, Path(tmp) / model.name)
+            detector = build_detector(Path(tmp) / model.name, family=detector.family, threads=threads)
+            backend = detector.backend
+        usable = [b for b in sizes if b <= backend.max_batch]
+        inputs = np.stack([detector.preprocess(image)[0] for image in sample_frames(video, max(usable))])
+        results = bench_batch(backend, inputs, usable, frames,
+                              original=original.backend if detector is not original else None)
+    w, h = detector.input_size
+    made = ", made dynamic for the benchmark (edgecv model dynamic-batch)" if detector is not original else ""
+    rows = [("model", f"{model.name} ({detector.family}, {backend.name} {backend.device}, input {w}x{h}{made})"),
+            ("frames", f"{max(usable)} different frames of {video.name}, about {frames} inferred per row, "
+                       "the rows interleaved")]
+    for r in results:
+        label = "batch 1, as it was" if r["name"] == "original" else r["name"]
+        rows.append((label, f"{r['run_ms']:8.1f} ms per run (median of {r['runs']}), {r['frame_ms']:7.1f} ms per "
+                            f"frame, {r['fps']:6.2f} frames/s, x{r['speedup']:.2f}"))
+    if len(usable) < len(sizes):
+        rows.append(("skipped", f"batch {', '.join(str(b) for b in sizes if b not in usable)}: the model takes at "
+                                f"most {backend.max_batch} frames at once"))
+    return rows
+
+
+def run_bench_batch(args: argparse.Namespace) -> int:
+    model, video = assets.resolve(args.model), assets.resolve(args.video)
+    if model is None:
+        raise EdgecvError(f"--model: file not found: {args.model}")
+    if video is None:
+        raise EdgecvError(f"--video: file not found: {args.video}")
+    sizes = _batch_sizes(args.batches)
+    rows = [("cpu cores", str(os.cpu_count())), ("threads", str(args.threads) if args.threads else "runtime default")]
+    rows += bench_batch_rows(model, video, args.threads, min(args.frames, 64), sizes)
+    print(_table(rows, "edgecv bench batch: inference time by batch size (frames of several cameras at once)"))
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     if args.what == "trackers":
         return run_bench_trackers(args)
+    if args.what == "batch":
+        return run_bench_batch(args)
     if args.what == "driving":
         rows = [("cpu cores", str(os.cpu_count())),
                 ("threads", str(args.threads) if args.threads else "runtime default")]

@@ -13,8 +13,11 @@ from typing import Optional, Sequence
 from . import EdgecvError, UsageError, __version__, assets
 from .assets import resolve
 from .bench import run_bench
+from .capacity import RUNNERS as CAPACITY_RUNNERS
 from .config import ConfigError, load
 from .daemon import Signals, run, setup_logging
+from .engine.backend import DYNAMIC_MAX_BATCH
+from .engine.onnx_batch import dynamic_batch
 from .engine.registry import calibration_detector
 from .engine.trt_build import build_engine
 from .evaluation.runner import (
@@ -144,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     classes = tuple(listed) if listed else None
     spec = RunSpec(config=args.config, camera=args.camera, model=args.model, family=args.family, classes=classes,
                    conf=args.conf, threads=args.threads, tolerance_s=args.tolerance_s, rules=args.rules,
-                   tracker=tuple(args.tracker or ()))
+                   tracker=tuple(args.tracker or ()), detect=tuple(args.detect or ()))
     problem = _eval_usage(args)
     if problem:
         return _fail(problem, EXIT_CONFIG)
@@ -170,6 +173,12 @@ def cmd_variants(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what in CAPACITY_RUNNERS:  # capacity, latency
+        if args.duration is None:
+            args.duration = 30.0
+        return CAPACITY_RUNNERS[args.what](args)
+    if args.duration is None:
+        args.duration = 600.0
     if args.what == "soak":
 
         try:
@@ -200,6 +209,32 @@ def cmd_assets(args: argparse.Namespace) -> int:
             status = "ok" if assets.sha256_of(path) == a.sha256 else "HASH MISMATCH"
         print(f"  {a.rel:28s} {status:9s} {path}")
     return EXIT_OK if not missing else EXIT_ERROR
+
+
+def cmd_model_dynamic_batch(args: argparse.Namespace) -> int:
+
+    model = resolve(args.model) or Path(args.model)
+    video = resolve(args.video)
+    output = Path(args.output)
+    if video is None:
+        return _fail(f"--video: file not found: {args.video}", EXIT_CONFIG)
+    if not 2 <= args.batch <= DYNAMIC_MAX_BATCH:
+        return _fail(f"--batch: expected 2 to {DYNAMIC_MAX_BATCH}, got {args.batch}", EXIT_CONFIG)
+    if output.is_dir() or not output.parent.is_dir():
+        return _fail(f"OUTPUT: {output} is a folder" if output.is_dir() else f"OUTPUT: folder not found: {output.parent}",
+                     EXIT_CONFIG)
+    result = dynamic_batch(model, output, video, batch=args.batch, family=args.family,
+                           threads=args.threads)
+    rewrite, check = result.rewrite, result.check
+    state = "already dynamic" if rewrite.already_dynamic else f"fixed batch {rewrite.batch}"
+    print(f"{model.name}: {state}; input {', '.join(rewrite.inputs)}")
+    for change in rewrite.changes or ("nothing to rewrite in the graph",):
+        print(f"  {change}")
+    diffs = ", ".join(f"batch {n}: max abs diff {d:.3g}" for n, d in sorted(check.max_abs_diff.items()))
+    print(f"checked with ONNX Runtime (CPU) on {check.frames} frames of {video.name}, each frame's outputs against "
+          f"the original model's on that frame: {diffs}")
+    print(f"wrote {result.output}")
+    return EXIT_OK
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
@@ -254,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "events are scored (a sequence folder's rules.yaml is used the same way)")
     v.add_argument("--tracker", action="append", metavar="KEY=VALUE",
                    help="a tracker setting for this run, e.g. --tracker motion_compensation=off (repeatable)")
+    v.add_argument("--detect", action="append", metavar="KEY=VALUE",
+                   help="a setting of the camera's detect section for this run, e.g. --detect every_n=2 or "
+                        "--detect motion_gate.enabled=true (repeatable)")
     v.add_argument("--results", help="score this MOT result file instead of running the pipeline")
     v.add_argument("--tolerance-s", type=float, default=1.0,
                    help="events: largest time between a found and a true event that still match (default 1 s)")
@@ -273,17 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     va.set_defaults(func=cmd_variants)
 
     b = sub.add_parser("bench", help="benchmarks, printed as a table")
-    b.add_argument("what", choices=["model", "track", "tracker", "trackers", "all", "soak", "driving"])
+    b.add_argument("what", choices=["model", "track", "tracker", "trackers", "all", "soak", "driving", "capacity",
+                                    "latency", "batch"])
     b.add_argument("config", nargs="?", help="soak: the daemon config to run (file cameras are looped); "
                    "driving: its config (default: built in, the models and rules of configs/driving.yaml); trackers: a config to run instead of --model")
     b.add_argument("--model", default="models/yolox_nano.onnx")
     b.add_argument("--video", default="media/vtest.avi")
     b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--frames", type=int, default=300)
-    b.add_argument("--duration", type=float, default=600.0, help="soak: seconds to run (default 600)")
+    b.add_argument("--frames", type=int, default=300, help="frames to run (batch: per batch size, at most 64)")
+    b.add_argument("--batches", default="1,2,4,8", help="batch: batch sizes to time (default 1,2,4,8)")
+    b.add_argument("--duration", type=float, default=None, help="soak: seconds to run (default 600); capacity, "
+                   "latency: seconds measured per run, after the warm-up (default 30)")
     b.add_argument("--interval", type=float, default=10.0, help="soak: seconds between samples (default 10)")
     b.add_argument("--warmup", type=float, default=None,
-                   help="soak: seconds before the growth baseline (default a quarter of --duration, at most 120)")
+                   help="soak: seconds before the growth baseline (default a quarter of --duration, at most 120); "
+                   "capacity, latency: seconds before the measured window (default a quarter of --duration, 2 to 10)")
     b.add_argument("--out", default=None, help="soak: also write the samples to this CSV file")
     b.add_argument("--suite", default=None, help="trackers: folder of annotated sequences (as for edgecv eval --suite)")
     b.add_argument("--classes", default=None, help="trackers: labels tracked (default: the gt's classes)")
@@ -298,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-rss-mb", type=float, default=50.0, help="soak: allowed RSS growth in MB (default 50)")
     b.add_argument("--max-threads", type=int, default=2, help="soak: allowed thread-count growth (default 2)")
     b.add_argument("--max-fds", type=int, default=10, help="soak: allowed open-fd growth (default 10)")
+    b.add_argument("--cameras", default="4,8,12,16", help="capacity: camera counts to run (default 4,8,12,16)")
+    b.add_argument("--fps", type=float, default=10.0,
+                   help="capacity, latency: each camera's frame rate (default 10; at most the video's own)")
+    b.add_argument("--every-n", type=int, default=None,
+                   help="capacity: run the detector on every n-th frame (cameras.<n>.detect.every_n)")
+    b.add_argument("--motion-gate", action="store_true",
+                   help="capacity: skip the detector on still frames (cameras.<n>.detect.motion_gate.enabled)")
     b.set_defaults(func=cmd_bench)
 
     a = sub.add_parser("assets", help="locate (and fetch) models and sample media")
@@ -316,6 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None,
                    help="engine file (default: the engine cache, engines/cache or $EDGECV_ENGINE_CACHE)")
     e.set_defaults(func=cmd_build_engine)
+
+    mo = sub.add_parser("model", help="model tools (dynamic-batch)")
+    msub = mo.add_subparsers(dest="model_command", required=True)
+    db = msub.add_parser("dynamic-batch", help="rewrite a fixed-batch ONNX model to a dynamic batch dimension, "
+                         "checked on real frames (needs edgecv[tools])")
+    db.add_argument("model", help="ONNX model (also looked up in the assets folders)")
+    db.add_argument("output", help="the rewritten model (written only when the check passes)")
+    db.add_argument("--video", default="media/vtest.avi", help="frames of the check (default media/vtest.avi)")
+    db.add_argument("--batch", type=int, default=4, help="frames stacked in the check's batch (default 4)")
+    db.add_argument("--family", default="auto", help="model family whose preprocessing makes the check's inputs")
+    db.add_argument("--threads", type=int, default=None, help="inference threads of the check")
+    db.set_defaults(func=cmd_model_dynamic_batch)
     return p
 
 

@@ -13,10 +13,11 @@ import re
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -45,6 +46,7 @@ MAX_COORDINATE = 100_000.0  # px: zone, line and corridor coordinates
 MAX_VERTICES = 1_000  # per polygon
 MAX_DEVICE_INDEX = 1023  # V4L2 device index (a camera index must fit the capture API's int)
 MAX_TOPIC_PREFIX = 256  # characters; MQTT allows topics of up to 65,535 bytes
+MAX_BATCH = 64  # model.batch: frames inferred together
 
 
 class ConfigError(Exception):
@@ -203,6 +205,39 @@ class DrivingConfig(_Model):
     drivable_zone: Optional[DrivableZoneConfig] = Field(None, description="Drivable-area zone events (absent: off)")
 
 
+Polygon = Annotated[list[Point], AfterValidator(_check_polygon)]  # a problem names its index: mask[1]
+
+
+class MotionGateConfig(_Model):
+    """Skip inference on frames where nothing moves (edgecv/sources/gate.py): a cheap test on a small grey copy of
+    the frame against a running background, on the capture thread."""
+
+    enabled: bool = Field(False, description="Skip the detector on frames with no motion and no moving track (the "
+                          "tracks are held where they are); the first frame and the one after a reconnect are "
+                          "always inferred")
+    sensitivity: float = Field(0.5, ge=0, le=1, description="0 to 1: how small a grey-level change counts as motion "
+                               "(0: 64 levels, 1: 4 levels)")
+    min_area: float = Field(150.0, ge=0, le=100_000_000, description="Changed area in source pixels² "
+                            "that counts as motion")
+    mask: Optional[list[Polygon]] = Field(None, min_length=1, description="Polygons in source pixels whose changes "
+                                          "are ignored (trees, screens, clocks); bounds as a zone's polygon")
+
+
+class DetectConfig(_Model):
+    """Which frames the detector runs on; the tracker predicts the others, and the rules see every frame."""
+
+    enabled: bool = Field(True, description="Run the detector on this camera (false: never; the source keeps "
+                          "streaming and tracks age out)")
+    every_n: int = Field(1, ge=1, le=1000, description="Run the detector on one frame in N; the tracker predicts "
+                         "the frames between, and rules and events still run on every frame")
+    motion_gate: MotionGateConfig = Field(MotionGateConfig(), description="Skip the detector while nothing moves")
+
+    @property
+    def gated(self) -> bool:
+        """Whether some frames skip inference (False: every frame is inferred, as without this section)."""
+        return not self.enabled or self.every_n > 1 or self.motion_gate.enabled
+
+
 SourceType = Literal["auto", "file", "rtsp", "stream", "v4l2", "gstreamer"]
 
 
@@ -223,6 +258,7 @@ class CameraConfig(_Model):
     lines: dict[str, LineConfig] = Field(default_factory=dict, description="Counting lines by name")
     objects: ObjectEventsConfig = Field(ObjectEventsConfig(), description="object.new / object.lost events")
     driving: Optional[DrivingConfig] = Field(None, description="Dash-cam rules: collision warning, drivable-area zone")
+    detect: DetectConfig = Field(DetectConfig(), description="Which frames the detector runs on (every_n, motion_gate)")
 
     @field_validator("pace_fps")
     @classmethod
@@ -358,8 +394,18 @@ class ModelConfig(_Model):
     classes: Optional[list[str]] = Field(None, min_length=1, description="Keep only these labels")
     labels: Optional[str] = Field(None, description="Labels file, one name per line (overrides the model's names)")
     threads: Optional[int] = Field(None, ge=1, le=256, description="CPU inference threads (default: runtime's choice)")
+    batch: Union[Literal["auto"], int] = Field(
+        "auto", description="Most frames (of different cameras) inferred together: a number 1 to 64, or auto: 1 with "
+        "ONNX Runtime on the CPU (batching measured not to pay there, README Batching), the engine's largest batch "
+        "on a GPU; a model with a fixed batch runs its own (`edgecv model dynamic-batch` makes it dynamic)")
     tensorrt: TensorRTBuild = Field(TensorRTBuild(), description="TensorRT engine build options")
 
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batch(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_BATCH):
+            return v
+        raise ValueError(f"expected auto or a number 1 to {MAX_BATCH}, got {v!r}")
 
     @property
     def display_name(self) -> str:
@@ -821,6 +867,7 @@ def reference_markdown() -> str:
     def type_name(ann: Any) -> str:
         text = str(ann).replace("typing.", "").replace("NoneType", "None")
         text = re.sub(r"<class '([^']+)'>", r"\1", text)
+        text = re.sub(r"Annotated\[(.+?), AfterValidator\([^)]*\)\]", r"\1", text)  # a checked item type
         return re.sub(r"edgecv\.config\.(\w+)", r"\1", text).replace("|", "\\|")
 
     def walk(model: type[BaseModel], prefix: str) -> None:

@@ -8,6 +8,7 @@ naming their field (`model.path`, `models[1]`, `cameras.gate.zones.door.classes`
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,12 @@ import numpy as np
 from . import EdgecvError
 from .config import Config, ConfigError, DrivingConfig, ModelConfig, resolve_path
 from .engine.adapters import Detector
-from .engine.backend import Staged
+from .engine.backend import Staged, batch_limit
 from .engine.registry import Adapter, build_detector
 from .engine.segmentation import SemanticSegmenter
 from .types import Detections, Frame, SemanticMasks
+
+log = logging.getLogger("edgecv.models")
 
 
 @dataclass(frozen=True)
@@ -31,20 +34,29 @@ class Prepared:
     frame: Frame
     staged: tuple[Staged, ...]  # per model (ModelSet order): its input tensor and placement, or the frame
     prep_ms: float = 0.0  # time spent preprocessing (all models)
+    skip: Optional[str] = None  # why the detector skips this frame (nothing staged; sources.gate), None: inferred
+
+    @property
+    def infer(self) -> bool:
+        """Whether the models run on this frame (else the camera worker's tracker predicts it)."""
+        return self.skip is None
 
 
 class ModelSet:
     """The models run on every frame: one detector (first; its boxes are tracked) and any segmenters."""
 
     def __init__(self, detector: Detector, segmenters: Sequence[SemanticSegmenter] = (),
-                 names: Optional[Sequence[str]] = None) -> None:
+                 names: Optional[Sequence[str]] = None, batch: Sequence[int | str] = ()) -> None:
+        """``batch``: each model's `batch` setting (ModelSet order; missing ones are ``auto``)."""
         self.detector = detector
         self.segmenters = list(segmenters)
         self.all: list[Adapter] = [detector, *self.segmenters]
         self.names = list(names) if names is not None else [Path(str(m.backend.path)).stem for m in self.all]
         if len(self.names) != len(self.all) or len(set(self.names)) != len(self.names):
             raise ValueError(f"ModelSet: expected {len(self.all)} distinct model names, got {self.names}")
-        self.max_batch = max(1, min(m.backend.max_batch for m in self.all))
+        settings = [*batch, *["auto"] * (len(self.all) - len(batch))]
+        self.batch = [batch_limit(m.backend, b) for m, b in zip(self.all, settings)]  # per model: frames per run
+        self.max_batch = min(self.batch)  # the inference thread's chunk: frames of several cameras run together
 
     def prepare(self, frame: Frame) -> Prepared:
         """Every model's input for one frame (runs on the capture thread); a backend that makes its inputs on
@@ -97,7 +109,9 @@ def load_models(cfg: Config) -> ModelSet:
     if det_cfg.classes:
         detector.class_filter = np.asarray(detector.class_ids(det_cfg.classes), np.int32)
     order = [(det_key, det_cfg)] + [(k, m) for k, m, _ in segmenters]
-    return ModelSet(detector, [s for _, _, s in segmenters], names=[m.display_name for _, m in order])
+    _warn_fixed_batch(built)
+    return ModelSet(detector, [s for _, _, s in segmenters], names=[m.display_name for _, m in order],
+                    batch=[m.batch for _, m in order])
 
 
 def retuned(detector: Detector, m: ModelConfig) -> Detector:
@@ -128,6 +142,14 @@ def _build(cfg: Config, key: str, m: ModelConfig) -> Built:
     except EdgecvError as e:  # a model that cannot be used is a problem of the config that names it
         raise ConfigError([f"{key}.path: {e}"]) from None
     return key, m, adapter
+
+
+def _warn_fixed_batch(built: Sequence[Built]) -> None:
+    """A `batch` above what a model takes (a fixed batch) cannot apply: said once, at load."""
+    for key, m, adapter in built:
+        if m.batch != "auto" and m.batch > adapter.backend.max_batch:
+            log.warning("%s.batch: %d: model %s takes at most %d frame(s) at once (a fixed batch; `edgecv model "
+                        "dynamic-batch` makes it dynamic)", key, m.batch, Path(m.path).name, adapter.backend.max_batch)
 
 
 def _check_masks(segmenters: Sequence[Built], problems: list[str]) -> dict[str, str]:

@@ -17,7 +17,6 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
@@ -32,31 +31,15 @@ from .engine.adapters import Detector
 from .models import ModelSet, Prepared
 from .sources.base import Source
 from .sources.capture import make_source
+from .sources.gate import SKIP_INTERVAL, SKIP_REASONS, SKIP_STATIC, FrameGate
 from .tracking.bytetrack import ByteTracker, TrackerConfig, TrackEventKind
-from .types import Detections, Event, Frame, SemanticMasks
+from .types import Detections, Event, Frame, LatencyWindow, SemanticMasks
 
 log = logging.getLogger("edgecv.pipeline")
 
 
 class EventSink(Protocol):
     def emit(self, event: Event) -> None: ...
-
-
-class LatencyWindow:
-    """Recent latencies for percentiles (bounded)."""
-
-    def __init__(self, size: int = 512) -> None:
-        self._values: deque[float] = deque(maxlen=size)
-
-    def add(self, value: float) -> None:
-        self._values.append(value)
-
-    def percentiles(self) -> dict[str, float]:
-        if not self._values:
-            return {"p50": 0.0, "p95": 0.0, "max": 0.0}
-        arr = np.fromiter(self._values, dtype=np.float64)
-        return {"p50": round(float(np.percentile(arr, 50)), 1), "p95": round(float(np.percentile(arr, 95)), 1),
-                "max": round(float(arr.max()), 1)}
 
 
 def build_rules(cam: CameraConfig, detector: Detector) -> list[Rule]:
@@ -149,9 +132,18 @@ class CameraWorker:
         self.frame_size = (0, 0)  # of the last frame processed
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.processed = 0
+        self.frames_inferred = 0  # frames the models ran on; the others, skipped by reason (sources.gate):
+        self.frames_skipped_by = dict.fromkeys(SKIP_REASONS, 0)
+        self.track_speed = 0.0  # px/frame of the fastest tracked object after the last frame (read by a motion gate)
+        self._semantic: Optional[SemanticMasks] = None  # of the last inferred frame (a skipped frame keeps them)
         self.events = 0
         self.latency = LatencyWindow()
         self.post_ms = LatencyWindow()
+        # the latency budget (stats `latency_budget_ms`): waiting in the slot until inference started, the
+        # inference of the frame's batch, waiting in this worker's queue
+        self.wait_ms = LatencyWindow()
+        self.batch_ms = LatencyWindow()
+        self.queue_ms = LatencyWindow()
         self.epoch = stream_epoch(source)
         self._last_index = 0
         self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
@@ -232,14 +224,26 @@ class CameraWorker:
             log.error("camera %s: giving up: %s", self.name, self.failed)
             self.source.fail(self.failed)
 
-    def process(self, prepared: Prepared, placements: Sequence[Any], outputs: Sequence[list[np.ndarray]]) -> None:
+    def process(self, prepared: Prepared, placements: Sequence[Any], outputs: Sequence[list[np.ndarray]],
+                inferred: Optional[tuple[float, float]] = None) -> None:
         """One frame: ``outputs`` holds each model's outputs (ModelSet order) for this frame only, ``placements``
-        where the frame sits in each model's input."""
+        where the frame sits in each model's input; ``inferred``: when its batch's inference began and ended
+        (monotonic), for the latency budget."""
         t0 = time.perf_counter()
         frame = prepared.frame
+        if inferred is not None:
+            began, ended = inferred
+            self.wait_ms.add(max(0.0, began - frame.t_mono - prepared.prep_ms / 1000) * 1000)
+            self.batch_ms.add((ended - began) * 1000)
+            self.queue_ms.add((time.monotonic() - ended) * 1000)
         if self._handoff is not None:  # a reload: from this frame on, decoding included
             self._apply_reconfigure()
+        if not prepared.infer:  # the detector skipped it: the tracker predicts the frame, the last masks stand
+            self.handle(frame, None, self._semantic, skip=prepared.skip)
+            self.latency.add((time.monotonic() - frame.t_mono) * 1000)
+            return
         dets, semantic = self.models.decode(placements, outputs, self.decoder)
+        self._semantic = semantic
         for n in self.model_frames:
             self.model_frames[n] += 1
         t1 = time.perf_counter()
@@ -249,12 +253,14 @@ class CameraWorker:
         self.post_ms.add((time.perf_counter() - t0) * 1000)
         self.latency.add((time.monotonic() - frame.t_mono) * 1000)
 
-    def handle(self, frame: Frame, dets: Detections, semantic: Optional[SemanticMasks]) -> list[Event]:
-        """Track, run the rules and emit the events of one decoded frame; returns the events."""
+    def handle(self, frame: Frame, dets: Optional[Detections], semantic: Optional[SemanticMasks],
+               skip: Optional[str] = None) -> list[Event]:
+        """Track, run the rules and emit the events of one decoded frame; returns the events. ``dets`` None: the
+        detector skipped the frame (``skip`` says why, sources.gate) and the tracker predicts it."""
         t1 = time.perf_counter()
         if self._handoff is not None:  # handle() alone (no decode) takes a reload here
             self._apply_reconfigure()
-        tracks = self._track(frame, dets)
+        tracks = self._track(frame, dets, skip)
         removed = [Removed(e.track_id, e.class_id, e.score, e.xyxy) for e in self.tracker.events
                    if e.kind == TrackEventKind.REMOVED]
         ctx = self._context(frame, tracks, semantic)
@@ -270,15 +276,23 @@ class CameraWorker:
         self.rules_ms.add((t2 - t1) * 1000)
         return events
 
-    def _track(self, frame: Frame, dets: Detections) -> Detections:
+    def _track(self, frame: Frame, dets: Optional[Detections], skip: Optional[str] = None) -> Detections:
         """The tracks after this frame's detections (frames dropped since the last one counted), their boxes
-        clipped to the frame."""
+        clipped to the frame. Without detections (skipped by the detector) the tracker coasts: it predicts, or,
+        when the motion gate saw nothing move, holds its tracks where they are."""
         tracker = self._ensure_tracker()
         skipped = max(0, frame.index - self._last_index - 1) if self._last_index else 0
         self._last_index = frame.index
-        if self.on_detections is not None:
-            self.on_detections(frame, dets)
-        tracks = tracker.update(dets, frames_skipped=skipped, image=frame.image)
+        if dets is None:
+            self.frames_skipped_by[skip or SKIP_INTERVAL] += 1
+            hold = skip == SKIP_STATIC
+            tracks = tracker.coast(image=None if hold else frame.image, frames_skipped=skipped, hold=hold)
+        else:
+            self.frames_inferred += 1
+            if self.on_detections is not None:
+                self.on_detections(frame, dets)
+            tracks = tracker.update(dets, frames_skipped=skipped, image=frame.image)
+        self.track_speed = tracker.max_speed()
         w, h = self.frame_size = frame.size
         np.clip(tracks.xyxy, 0, np.array([w, h, w, h], np.float32), out=tracks.xyxy)  # Kalman boxes may overshoot
         return tracks
@@ -324,6 +338,7 @@ class InferenceWorker:
         self.infer_ms = LatencyWindow()  # all models, per frame
         self.model_ms = {n: LatencyWindow() for n in self.models.names}  # per model, per frame
         self.frames = 0
+        self.batches: dict[int, int] = {}  # chunks inferred, by size (frames of several cameras run together)
         self._counts = {name: 0 for name in workers}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -353,7 +368,10 @@ class InferenceWorker:
             if self.max_frames is not None and self._counts[name] >= self.max_frames:
                 continue
             item = w.source.slot.take()
-            if item is not None:
+            if item is not None and not item.infer:  # the detector skips it (sources.gate): straight to the worker
+                self._counts[name] += 1
+                w.queue.put((item, (), ()))
+            elif item is not None:
                 ready.append((w, item))
         return ready
 
@@ -381,11 +399,14 @@ class InferenceWorker:
         return per_model, placements
 
     def _hand_over(self, items: Sequence[tuple[CameraWorker, Prepared]], per_model: list[list[np.ndarray]],
-                   placements: list[list[Any]]) -> None:
+                   placements: list[list[Any]], began: float = 0.0) -> None:
+        inferred = (began, time.monotonic())  # the batch's inference (latency budget)
+        self.batches[len(items)] = self.batches.get(len(items), 0) + 1
         for i, (w, p) in enumerate(items):
             self._counts[w.name] += 1
             self.frames += 1
-            w.queue.put((p, [where[i] for where in placements], [[o[i:i + 1] for o in outputs] for outputs in per_model]))
+            w.queue.put((p, [where[i] for where in placements], [[o[i:i + 1] for o in outputs] for outputs in per_model],
+                         inferred))
 
     def _run_chunk(self, items: Sequence[tuple[CameraWorker, Prepared]]) -> bool:
         """Infer a chunk and hand its frames on. When inference fails, a chunk of several frames is tried again
@@ -393,6 +414,7 @@ class InferenceWorker:
         dropped and counted, the failure logged once per distinct message. Returns False once inference has
         failed ``failure_limit`` frames in a row: the pipeline has failed."""
         try:
+            began = time.monotonic()
             per_model, placements = self._infer([p for _, p in items])
         except Exception as e:
             if len(items) > 1:
@@ -414,19 +436,19 @@ class InferenceWorker:
                 return False
             return True
         self.failures_in_a_row = 0
-        self._hand_over(items, per_model, placements)
+        self._hand_over(items, per_model, placements, began)
         return True
 
     def _run(self) -> None:
         step = self.models.max_batch
         try:
             while True:
+                self.notify.clear()  # before collecting: a frame put from now on sets it again, and is waited for
                 ready = self._collect()
                 if not ready:
                     if self._stop.is_set() or self._all_done():
                         return
                     self.notify.wait(0.05)
-                    self.notify.clear()
                     continue
                 for start in range(0, len(ready), step):
                     if not self._run_chunk(ready[start:start + step]):
@@ -465,8 +487,25 @@ class Pipeline:
             self.workers[name] = CameraWorker(name, cfg.node_id, src, self.models, self._tracker_factory,
                                               build_rules(cam, self.detector), sinks, cb, on_events=ev,
                                               on_detections=dh, failure_limit=cfg.failure_limit)
+            self._install_gate(src, self.workers[name], cam)
         self.inference = InferenceWorker(self.models, self.workers, self.notify, max_frames, cfg.failure_limit)
         self.started_at = 0.0
+
+    def _install_gate(self, src: Source, worker: CameraWorker, cam: CameraConfig) -> None:
+        """The camera's `detect` section in front of its preprocessing (capture thread): a frame the detector skips
+        reaches the worker unprepared, and never replaces a frame waiting for inference in the source's slot."""
+        if not cam.detect.gated:
+            return  # every frame inferred, as without the section
+        gate = FrameGate(cam.detect, track_speed=lambda: worker.track_speed)
+        models = self.models
+
+        def prepare(frame: Frame) -> Prepared:
+            skip = gate.decide(frame.image)
+            return models.prepare(frame) if skip is None else Prepared(frame, (), skip=skip)
+
+        src.prepare = prepare
+        src.on_open = gate.reset  # a stream's first frame is inferred
+        src.slot.keep = lambda unread, new: unread.infer and not new.infer
 
     def _tracker_factory(self, fps: float) -> ByteTracker:
         return ByteTracker(tracker_config(self.cfg, fps, self.detector.family))
@@ -526,6 +565,20 @@ class Pipeline:
         for s in self.sources.values():
             s.check_stall()
 
+    def latency_windows(self, name: str) -> dict[str, LatencyWindow]:
+        """Camera ``name``'s latency budget, stage by stage in the order a frame goes through them: reading
+        (decode; live streams: waiting for the camera too; before `captured_at`), preprocessing, waiting for the
+        inference thread, the inference of its batch, waiting in the camera worker's queue, decoding + NMS,
+        tracking + rules. The events' spool write and broker acknowledgement are the publisher's."""
+        w, s = self.workers[name], self.sources[name]
+        return {"capture": s.read_ms, "preprocess": w.prep_ms, "queue_inference": w.wait_ms,
+                "inference": w.batch_ms, "queue_worker": w.queue_ms, "decode_nms": w.decode_ms,
+                "track_rules": w.rules_ms}
+
+    def latency_budget(self, name: str) -> dict[str, dict[str, float]]:
+        """p50 and p99 (ms) of each stage of :meth:`latency_windows`."""
+        return {stage: window.budget() for stage, window in self.latency_windows(name).items()}
+
     def stats(self) -> dict[str, Any]:
         elapsed = max(1e-6, time.monotonic() - self.started_at)
         cams = {}
@@ -540,6 +593,8 @@ class Pipeline:
                 "frames_dropped": s.slot.dropped,
                 "frames_failed": w.frames_failed,
                 "frames_skipped": s.stats.skipped,
+                "frames_inferred": w.frames_inferred,
+                **{f"frames_skipped_{why}": n for why, n in w.frames_skipped_by.items()},
                 "reconnects": s.stats.reconnects,
                 "events": w.events,
                 "latency_ms": w.latency.percentiles(),
@@ -547,9 +602,11 @@ class Pipeline:
                 "stage_ms": {"preprocess": w.prep_ms.percentiles(), "decode": w.decode_ms.percentiles(),
                              "track_rules": w.rules_ms.percentiles()},
                 "models": dict(w.model_frames),
+                "latency_budget_ms": self.latency_budget(name),
             }
         return {"cameras": cams, "pipeline": "failed" if self.failed else "running",
                 "inference_ms": self.inference.infer_ms.percentiles(),
                 "inference_ms_by_model": {n: m.percentiles() for n, m in self.inference.model_ms.items()},
+                "inference_batches": {str(n): c for n, c in sorted(dict(self.inference.batches).items())},
                 "uptime_s": round(elapsed, 1), "threads": threading.active_count(),
                 "pid": os.getpid()}

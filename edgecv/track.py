@@ -124,19 +124,48 @@ def with_tracker(cfg: Config, overrides: Sequence[str]) -> Config:
         return cfg
     tracker = dict(cfg.tracker.model_dump())
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--tracker: expected KEY=VALUE, got {item!r}")
-        try:
-            tracker[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            raise UsageError(f"--tracker: {key.strip()}: cannot read the value {value!r}") from None
+        key, value = _key_value(item, "--tracker")
+        tracker[key] = value
     data = {**cfg.model_dump(), "tracker": tracker}
     try:
         checked = parse(data, source="command line", base_dir=Path(cfg.base_dir) if cfg.base_dir else None)
     except ConfigError as e:
         raise UsageError("; ".join(f"--tracker: {p}" for p in e.problems)) from None
     return cfg.model_copy(update={"tracker": checked.tracker})
+
+
+def _key_value(item: str, option: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of a command-line override, the value read as YAML (empty: None)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"{option}: expected KEY=VALUE, got {item!r}")
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise UsageError(f"{option}: {key.strip()}: cannot read the value {value!r}") from None
+
+
+def with_detect(cfg: Config, overrides: Sequence[str]) -> Config:
+    """``cfg`` with every camera's ``detect`` settings from the command line (``KEY=VALUE``, the value read as YAML;
+    ``motion_gate.enabled=true`` sets a key of the motion gate)."""
+    if not overrides:
+        return cfg
+    data = cfg.model_dump()
+    for cam in data["cameras"].values():
+        for item in overrides:
+            key, value = _key_value(item, "--detect")
+            *parents, last = key.split(".")
+            node = cam["detect"]
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise UsageError(f"--detect: {key}: {part} is not a section of detect")
+                node = node[part]
+            node[last] = value
+    try:
+        checked = parse(data, source="command line", base_dir=Path(cfg.base_dir) if cfg.base_dir else None)
+    except ConfigError as e:
+        raise UsageError("; ".join(f"--detect: {p}" for p in e.problems)) from None
+    return cfg.model_copy(update={"cameras": checked.cameras})
 
 
 def load_offline_models(cfg: Config, cli: bool = False) -> ModelSet:

@@ -1,4 +1,4 @@
-"""The few types every stage shares: Frame, Detections, Event.
+"""The few types every stage shares: Frame, Detections, Event, LatencyWindow.
 
 `Detections` is one columnar structure of parallel numpy arrays (in the spirit of
 supervision's ``Detections``): stages take it and return it, and there are no
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
@@ -273,3 +274,36 @@ class Event:
         for k, v in self.fields.items():
             payload[k] = v
         return payload
+
+
+class LatencyWindow:
+    """Recent latencies (ms) for percentiles (bounded); written by one thread, read by any (the stats)."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def clear(self) -> None:
+        self._values.clear()
+
+    def percentiles(self) -> dict[str, float]:
+        """p50, p95, p99 and max (0.0 each while empty)."""
+        values = list(self._values)  # a copy: another thread may be adding
+        if not values:
+            return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+        p50, p95, p99 = np.percentile(np.asarray(values, np.float64), (50, 95, 99))
+        return {"p50": round(float(p50), 1), "p95": round(float(p95), 1), "p99": round(float(p99), 1),
+                "max": round(float(max(values)), 1)}
+
+    def budget(self) -> dict[str, float]:
+        """p50 and p99 to 0.01 ms (a stage of the latency budget; 0.0 while empty)."""
+        values = list(self._values)
+        if not values:
+            return {"p50": 0.0, "p99": 0.0}
+        p50, p99 = np.percentile(np.asarray(values, np.float64), (50, 99))
+        return {"p50": round(float(p50), 2), "p99": round(float(p99), 2)}

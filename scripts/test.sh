@@ -3,7 +3,7 @@
 # Assets (models, videos) come from $EDGECV_ASSETS, default ../shared next to the repository.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$REPO/scripts/setup.sh" "cpu,dev,eval"
+bash "$REPO/scripts/setup.sh" "cpu,dev,eval,tools"
 # the peer trackers `edgecv bench trackers` compares with, in their own environment (tests/test_eval.py)
 bash "$REPO/scripts/peers.sh" >/dev/null
 if [ -z "${EDGECV_ASSETS:-}" ] && [ -d "$REPO/../shared/models" ]; then

@@ -37,6 +37,15 @@ def format_shape(shape: Sequence[int]) -> str:
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
 
+def batch_limit(backend: "Backend", setting: int | str = "auto") -> int:
+    """How many frames a model infers together (``model.batch``): at most ``setting`` (a number) or, for
+    ``auto``, 1 with a backend on the CPU (batching the frames of several cameras was measured not to pay on the
+    CPU: README, Batching) and the backend's largest batch on a GPU (TensorRT, ONNX Runtime with CUDA); never
+    more than the model takes (a fixed batch is its own limit)."""
+    wanted = (1 if backend.device == "cpu" else backend.max_batch) if setting == "auto" else int(setting)
+    return max(1, min(wanted, backend.max_batch))
+
+
 Preprocess = Callable[[np.ndarray], tuple[np.ndarray, Any]]
 """An adapter's CPU preprocessing: BGR frame -> (C, H, W) input tensor, placement (Letterbox, InputRegion)."""
 
@@ -212,12 +221,18 @@ def _check_model_file(path: Path) -> Path:
 
 
 def _open_session(ort: Any, path: Path, threads: Optional[int], providers: Optional[list[str]]) -> Any:
-    """An ``ort.InferenceSession`` on ``path`` (all graph optimizations, sequential, fatal-only logging)."""
+    """An ``ort.InferenceSession`` on ``path`` (all graph optimizations, sequential, no spinning, fatal-only
+    logging)."""
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # the intra-op threads sleep when they run out of work instead of spinning: the cores they would burn are the
+    # ones the capture threads (decoding), the camera workers (tracking) and the publisher need. Measured with
+    # `edgecv bench latency` and `edgecv bench capacity` (README, Capacity): spinning doubled one inference and
+    # the capture -> subscriber latency whenever anything else wanted the cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # fatal only: ORT's warnings would go to stderr on every load, and its error lines (raw, coloured, outside
     # the log format) repeat what the exception it raises says; edgecv logs that, once, in one line
     options.log_severity_level = 4

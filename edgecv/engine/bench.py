@@ -1,13 +1,15 @@
-"""Model-only throughput: inference on a fixed tensor, and pre/post-processing on one frame."""
+"""Model-only throughput: inference on a fixed tensor, and pre/post-processing on one frame; inference time by
+batch size (frames of several cameras inferred together)."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from edgecv.engine.adapters import Detector
+from edgecv.engine.backend import Backend
 
 
 def _time_ms(fn: Callable[[], object], n: int) -> np.ndarray:
@@ -70,3 +72,35 @@ def bench_model(
         "frame_ms": round(frame_ms, 3),
         "frame_fps": round(1000.0 / frame_ms, 1),
     }
+
+
+def bench_batch(backend: Backend, inputs: np.ndarray, sizes: Sequence[int], frames: int = 40, warmup: int = 1,
+                original: Optional[Backend] = None) -> list[dict[str, Any]]:
+    """Inference time by batch size: ``backend.infer`` on the first b of ``inputs`` (different preprocessed frames)
+    for each size b, and ``original`` (the model before it was made dynamic) at batch 1 when given. Everything is
+    interleaved (each round runs every entry on max(sizes) frames) so that a load that comes and goes on the
+    machine weighs on every entry alike; about ``frames`` frames per entry, at least 3 rounds, after ``warmup``
+    runs each. Per entry (``name``: "original" or "batch b"): the median time of a run, per frame (run / b),
+    frames per second and the speed-up over the first entry."""
+    top = max(sizes)
+    if not all(1 <= b <= min(len(inputs), backend.max_batch) for b in sizes):
+        raise ValueError(f"bench_batch: batch sizes {list(sizes)} must be between 1 and "
+                         f"{min(len(inputs), backend.max_batch)}")
+    entries = [("original", original, 1)] if original is not None else []
+    entries += [(f"batch {b}", backend, b) for b in sizes]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in entries}
+    for _, runner, b in entries:
+        for _ in range(warmup):
+            runner.infer(inputs[:b])
+    for _ in range(max(3, -(-frames // top))):
+        for name, runner, b in entries:
+            x = np.ascontiguousarray(inputs[:b])
+            times[name] += _time_ms(lambda r=runner, x=x: r.infer(x), max(1, top // b)).tolist()
+    rows: list[dict[str, Any]] = []
+    for name, _, b in entries:
+        run_ms = float(np.median(times[name]))
+        rows.append({"name": name, "batch": b, "runs": len(times[name]), "run_ms": round(run_ms, 2),
+                     "frame_ms": round(run_ms / b, 2), "fps": round(1000.0 * b / run_ms, 2)})
+    for row in rows:
+        row["speedup"] = round(row["fps"] / rows[0]["fps"], 2)
+    return rows

@@ -25,6 +25,7 @@ from ..track import (
     load_offline_models,
     offline_config,
     run_offline,
+    with_detect,
     with_tracker,
 )
 from ..types import Detections, Event, Frame
@@ -48,6 +49,7 @@ class RunSpec:
     tolerance_s: float = 1.0  # event matching: largest frame gap, in seconds of the clip
     rules: Optional[str] = None  # with ``model``: a YAML file of `zones` and `lines` (as in a camera section)
     tracker: tuple[str, ...] = ()  # tracker settings overridden, "KEY=VALUE"
+    detect: tuple[str, ...] = ()  # the camera's `detect` settings overridden, "KEY=VALUE" (every_n=2)
 
 
 @dataclass
@@ -117,14 +119,14 @@ def _setup(video: str, gt: MotSequence, spec: RunSpec) -> tuple[Config, str, Mod
         except ConfigError as e:
             raise EdgecvError("; ".join(e.problems)) from None
         cfg, camera = config_for_video(base, spec.camera, str(Path(video).resolve()))
-        cfg = with_tracker(cfg, spec.tracker)
+        cfg = with_detect(with_tracker(cfg, spec.tracker), spec.detect)
         return cfg, camera, load_offline_models(cfg)
     if spec.model:
         classes = list(spec.classes) if spec.classes else gt.labels()
         rules = load_rules(spec.rules) if spec.rules else None
         cfg, camera = offline_config(str(Path(video).resolve()), spec.model, spec.family, classes, spec.conf,
                                      spec.threads, rules=rules), "video"
-        cfg = with_tracker(cfg, spec.tracker)
+        cfg = with_detect(with_tracker(cfg, spec.tracker), spec.detect)
         return cfg, camera, load_offline_models(cfg, cli=True)
     raise EdgecvError("give --config CONFIG or --model MODEL (how to run the pipeline)")
 

@@ -44,7 +44,7 @@ from typing import Any, Optional
 import paho.mqtt.client as mqtt
 
 from ..config import MqttConfig
-from ..types import Event
+from ..types import Event, LatencyWindow
 from .spool import Spool, SpoolError, SpoolItem
 from .topics import Topics
 
@@ -57,6 +57,7 @@ PROMPT_DROP_S = 1.0  # a drop this soon after an event was sent: upon that event
 CAREFUL_QUIET_S = 10.0  # careful mode (one event in flight) ends after this long without a drop
 RAW_WINDOW_S = 1.0  # a stats, tracks or snapshot message sent this long before a drop may have caused it
 RAW_MARGIN = 0.9  # best-effort messages keep to this share of a limit learned from one of them
+MAX_TIMED = 65536  # events whose spool time is kept for the latency budget (older ones are forgotten)
 
 
 def _varint_len(n: int) -> int:
@@ -170,10 +171,14 @@ class MqttPublisher:
         # sender-thread state only (paho callbacks never touch it: no lock-order issues with paho's mutexes)
         self._inflight: list[tuple[mqtt.MQTTMessageInfo, int]] = []  # handed to paho, not yet acknowledged
         self._sent_upto = 0  # highest spool seq handed to paho
-        # message ids paho reported complete (on_publish: PUBACK for QoS 1); appended by paho's thread, drained
-        # by the sender into a bounded recent set
-        self._completed_mids: collections.deque[int] = collections.deque()
-        self._recent_mids: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # message ids paho reported complete (on_publish: PUBACK for QoS 1) and when (monotonic); appended by
+        # paho's thread, drained by the sender into a bounded recent set
+        self._completed_mids: collections.deque[tuple[int, float]] = collections.deque()
+        self._recent_mids: collections.OrderedDict[int, float] = collections.OrderedDict()
+        # the latency budget per camera: spool write, stored -> handed to paho, stored -> acknowledged
+        self._timing_lock = threading.Lock()
+        self._budget: dict[str, dict[str, LatencyWindow]] = {}
+        self._stored_at: dict[int, tuple[str, float]] = {}  # spool seq -> (camera, monotonic time stored)
         self._sender: Optional[threading.Thread] = None
         # events published without the spool, not yet acknowledged (worker threads append, sender reaps)
         self._direct: list[mqtt.MQTTMessageInfo] = []
@@ -313,7 +318,7 @@ class MqttPublisher:
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         if client is not self.client:
             return
-        self._completed_mids.append(mid)
+        self._completed_mids.append((mid, time.monotonic()))
         self._wake.set()  # the sender thread reaps acknowledged messages
 
     # ---- the broker's maximum packet size
@@ -406,8 +411,9 @@ class MqttPublisher:
         """
         payload = json.dumps(event.to_payload(0.0), separators=(",", ":")).encode()
         topic = self.topics.events(event.camera)
+        began = time.monotonic()
         try:
-            self.spool.put(event.camera, event.id, topic, payload)
+            seq = self.spool.put(event.camera, event.id, topic, payload)
         except SpoolError as e:
             direct = stamp_publish_time(payload)
             over = self._over_limit(topic, len(direct), self.cfg.qos)
@@ -429,7 +435,40 @@ class MqttPublisher:
                           e, event.type, event.id, self.lost)
             return False
         self._wake.set()
+        self._stored(event.camera, seq, began)
         return True
+
+    def _stored(self, camera: str, seq: int, began: float) -> None:
+        """The latency budget: event ``seq`` of ``camera`` was stored in the spool, the write began at ``began``."""
+        now = time.monotonic()
+        with self._timing_lock:
+            self._windows(camera)["spool_write"].add((now - began) * 1000)
+            self._stored_at[seq] = (camera, now)
+            if len(self._stored_at) > MAX_TIMED:  # dropped past the spool's bound, set aside, or never acknowledged
+                del self._stored_at[next(iter(self._stored_at))]
+
+    def _windows(self, camera: str) -> dict[str, LatencyWindow]:
+        windows = self._budget.get(camera)
+        if windows is None:
+            windows = self._budget[camera] = {k: LatencyWindow() for k in ("spool_write", "send_wait", "broker_ack")}
+        return windows
+
+    def _timed(self, seq: int, stage: str, at: float, done: bool = False) -> None:
+        """The latency budget: stored event ``seq`` reached ``stage`` at ``at`` (monotonic); ``done``: its last."""
+        with self._timing_lock:
+            stored = self._stored_at.pop(seq, None) if done else self._stored_at.get(seq)
+            if stored is not None:  # else stored by an earlier run, or forgotten
+                self._windows(stored[0])[stage].add(max(0.0, at - stored[1]) * 1000)
+
+    def latency_windows(self, camera: str) -> dict[str, LatencyWindow]:
+        """Camera ``camera``'s part of the latency budget: writing an event to the spool, from stored to handed to
+        paho (the sender's wake-up), from stored to the broker's acknowledgement (PUBACK, QoS >= 1)."""
+        with self._timing_lock:
+            return dict(self._windows(camera))
+
+    def latency_budget(self, camera: str) -> dict[str, dict[str, float]]:
+        """p50 and p99 (ms) of each stage of :meth:`latency_windows`."""
+        return {stage: window.budget() for stage, window in self.latency_windows(camera).items()}
 
     def publish_raw(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> None:
         """Best-effort messages (stats, tracks, snapshots): dropped when not connected, skipped when over the
@@ -480,10 +519,15 @@ class MqttPublisher:
         if self._renew.is_set():
             self._renew.clear()
             self._renew_client()
-        self._reap()
         since = self._careful_since
         if since is not None and self.connected and time.monotonic() - since > CAREFUL_QUIET_S:
             self._careful_since = None
+        self._send_new()  # first: a new event never waits for the deletion of acknowledged ones (a disk write)
+        if self._reap():
+            self._send_new()  # the room the acknowledgements freed
+
+    def _send_new(self) -> None:
+        """Hand the spool's next events to paho, as many as the in-flight window has room for."""
         if not self.connected:
             return
         room = (1 if self._careful_since is not None else MAX_INFLIGHT) - len(self._inflight)
@@ -500,33 +544,40 @@ class MqttPublisher:
         A message handed to paho just as the connection dropped keeps an error code in its info (is_published()
         raises) although paho holds it and sends it after the reconnect: its completion is seen by its mid.
         """
-        if self._recent_mids.pop(info.mid, 0) is None:
+        if self._recent_mids.pop(info.mid, None) is not None:
             return True
         try:
             return info.is_published()
         except (RuntimeError, ValueError):
             return self.cfg.qos == 0  # QoS 0 is at most once: paho does not keep it
 
-    def _reap(self) -> None:
-        """Forget acknowledged events: delete them from the spool."""
+    def _reap(self) -> int:
+        """Forget acknowledged events: delete them from the spool (one transaction); how many."""
         while self._completed_mids:
-            self._recent_mids[self._completed_mids.popleft()] = None
+            mid, at = self._completed_mids.popleft()
+            self._recent_mids[mid] = at
         while len(self._recent_mids) > 4096:  # mids of other messages (status, stats) that match no event
             self._recent_mids.popitem(last=False)
         still: list[tuple[mqtt.MQTTMessageInfo, int]] = []
+        acked: list[int] = []
         for info, seq in self._inflight:
+            acked_at = self._recent_mids.get(info.mid)  # PUBACK's time (paho's thread), if seen by its mid
             if self._done(info):
-                self.spool.ack(seq)
-                self.acked += 1
-                with self._sends_lock:
-                    size, _ = self._unacked.pop(seq, (0, 0.0))
-                    self._max_acked = max(self._max_acked, size)
+                self._timed(seq, "broker_ack", acked_at or time.monotonic(), done=True)
+                acked.append(seq)
             else:
                 still.append((info, seq))
         self._inflight = still
+        self.spool.ack_many(acked)
+        self.acked += len(acked)
+        with self._sends_lock:
+            for seq in acked:
+                size, _ = self._unacked.pop(seq, (0, 0.0))
+                self._max_acked = max(self._max_acked, size)
         with self._direct_lock:
             if self._direct:
                 self._direct = [info for info in self._direct if not self._done(info)]
+        return len(acked)
 
     def _send(self, item: SpoolItem) -> None:
         payload = stamp_publish_time(item.payload)
@@ -543,6 +594,7 @@ class MqttPublisher:
         if self.cfg.qos:
             with self._sends_lock:
                 self._unacked[item.seq] = (size, time.monotonic())
+        self._timed(item.seq, "send_wait", time.monotonic())
         info = self.client.publish(item.topic, payload, qos=self.cfg.qos)
         self._inflight.append((info, item.seq))
         self.published += 1

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 log = logging.getLogger("edgecv.spool")
 
@@ -256,22 +256,26 @@ class Spool:
             return [(r[0], r[1]) for r in self._db.execute("SELECT event_id, reason FROM dead_letter ORDER BY seq")]
 
     def ack(self, seq: int) -> None:
-        """The broker has the event: forget it.
+        """The broker has the event: forget it (see :meth:`ack_many`)."""
+        self.ack_many([seq])
 
-        When the row cannot be deleted (disk full, I/O error) it is remembered as acknowledged (not counted
-        in `depth`) and deleted with a later write; if the daemon stops first, it is published again on the
-        next start (a duplicate with the same id, never a loss).
+    def ack_many(self, seqs: Sequence[int]) -> None:
+        """The broker has these events: forget them, in one transaction (one commit for all the acknowledgements
+        the sender reaps at once, so the spool's lock is held briefly and the camera workers' writes wait less).
+
+        When the rows cannot be deleted (disk full, I/O error) they are remembered as acknowledged (not counted
+        in `depth`) and deleted with a later write; if the daemon stops first, they are published again on the
+        next start (duplicates with the same ids, never a loss).
         """
+        if not seqs:
+            return
         with self._lock:
             if self._db is None:
                 return
-            try:
-                row = self._db.execute("SELECT size FROM events WHERE seq=?", (seq,)).fetchone()
-            except sqlite3.Error:
-                row = None
-            if row is None and seq not in self._acked_rows:
+            sizes = self._sizes(seqs)
+            if not sizes and not any(seq in self._acked_rows for seq in seqs):
                 return
-            self._acked_rows[seq] = int(row[0]) if row else self._acked_rows[seq]
+            self._acked_rows.update(sizes)
             self._acked_bytes = sum(self._acked_rows.values())
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -285,6 +289,19 @@ class Spool:
                 self._ack_failing = True
                 return
             self._after_delete()
+
+    def _sizes(self, seqs: Sequence[int]) -> dict[int, int]:
+        """seq -> size of those of ``seqs`` still in the queue (none when they cannot be read)."""
+        assert self._db is not None
+        out: dict[int, int] = {}
+        try:
+            for i in range(0, len(seqs), 500):
+                chunk = list(seqs[i:i + 500])
+                out.update((int(seq), int(size)) for seq, size in self._db.execute(
+                    f"SELECT seq, size FROM events WHERE seq IN ({','.join('?' * len(chunk))})", chunk))
+        except sqlite3.Error:
+            return {}
+        return out
 
     def _delete_acked(self) -> None:
         """Inside a write transaction: delete the rows of acknowledged events."""

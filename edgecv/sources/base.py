@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from ..config import CameraConfig, redact, redact_location
-from ..types import Frame
+from ..types import Frame, LatencyWindow
 
 log = logging.getLogger("edgecv.source")
 
@@ -45,8 +45,9 @@ def quiet_native_logs() -> None:
 class FrameSlot:
     """A one-slot buffer holding the newest frame.
 
-    `put` in drop mode replaces an unread frame (counted as dropped); in block mode it waits until
-    the consumer took the previous frame (or the stop event is set).
+    `put` in drop mode replaces an unread frame (counted as dropped), unless ``keep(unread, new)`` says the unread
+    one matters more (then the new one is dropped: a frame the detector skips never replaces one waiting for
+    inference); in block mode it waits until the consumer took the previous frame (or the stop event is set).
     """
 
     def __init__(self, block: bool) -> None:
@@ -55,6 +56,7 @@ class FrameSlot:
         self._cond = threading.Condition()
         self.dropped = 0
         self.closed = False
+        self.keep: Optional[Callable[[Any, Any], bool]] = None  # set by the pipeline (see the class docstring)
 
     def put(self, frame: Any, stop: threading.Event) -> bool:
         with self._cond:
@@ -65,6 +67,8 @@ class FrameSlot:
                     return False
             elif self._frame is not None:
                 self.dropped += 1
+                if self.keep is not None and self.keep(self._frame, frame):
+                    return True
             self._frame = frame
             self._cond.notify_all()
             return True
@@ -137,6 +141,7 @@ class Source:
         self._cap: Optional[cv2.VideoCapture] = None
         self._last_frame_mono = 0.0
         self._read_since = 0.0  # monotonic time the current blocking read began (0: not in a read)
+        self.read_ms = LatencyWindow()  # each frame's read + decode (live streams: waiting for the camera too)
         self._stuck_warned = False
         self._next_index = 1
         self._reconnect_request = threading.Event()
@@ -145,6 +150,7 @@ class Source:
         # thread), and an event set whenever a new item is in the slot
         self.prepare: Optional[Callable[[Frame], Any]] = None
         self.notify: Optional[threading.Event] = None
+        self.on_open: Optional[Callable[[], None]] = None  # called each time the source (re)opens, before its frames
 
     # ---- lifecycle
     def _blocking(self) -> bool:
@@ -279,6 +285,8 @@ class Source:
 
     def _stream_opened(self) -> str:
         """Stream the capture just opened (its frame rate read first), then release it; the outcome of _stream."""
+        if self.on_open is not None:
+            self.on_open()
         fps = self._cap.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if fps and 0 < fps < 1000 else 0.0
         outcome = self._stream()
@@ -327,11 +335,12 @@ class Source:
 
     def _read_timed(self) -> Optional[np.ndarray]:
         """One read, its start time visible to the watchdog while it lasts."""
-        self._read_since = time.monotonic()
+        self._read_since = start = time.monotonic()
         try:
             return self._read(self._cap)
         finally:
             self._read_since = 0.0
+            self.read_ms.add((time.monotonic() - start) * 1000)
 
     def _count_frame(self, img: np.ndarray, now: float) -> int:
         """A frame was read at ``now``: streaming (said once, with its size), counted; its index."""

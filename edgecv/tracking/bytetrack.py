@@ -55,6 +55,19 @@ Kalman state decides which detection that is, and predicts through misses): on t
 tuning suite this scored higher MOTA and IDF1 than reporting the filtered box, which
 lags a walking person's changing shape.
 
+``coast(image=None, hold=False)`` stands in for ``update`` on a frame the detector
+skipped (a camera's ``detect.every_n``, its motion gate): the tracker advances one
+frame (camera-motion compensation when given the image, one Kalman step) without
+association, so no track is matched, missed, confirmed or marked lost; a track
+unmatched for longer than the lost buffer is removed as on ``update``. It returns
+the tracks the last ``update`` reported, with their ids, at their predicted place:
+the matched detection's box moved by the Kalman state's motion since that match.
+With ``hold`` (a motion gate saw nothing move) nothing is predicted and the tracks
+not lost are taken as matched to their last detections again, as on a repeat of the
+last frame, so a still scene never ages them out.
+``max_speed()`` says whether a reported track is still moving (a motion gate does
+not skip while one is).
+
 The defaults were chosen with ``edgecv eval`` on the tuning sequences and their
 moving-camera, low-fps and half-size variants, for YOLOX-Nano and YOLOv8n detections
 alike (README, "How good is the tracking").
@@ -174,6 +187,7 @@ class _Track:
     class_votes: dict[int, float] = field(default_factory=dict)  # class -> summed score
     score_sum: float = 0.0  # summed score of the matched detections
     score_ema: float = 0.0  # exponential moving average of the matched scores (weight SCORE_EMA of the newest)
+    centre: np.ndarray = field(default_factory=lambda: np.zeros(2))  # Kalman centre just after the last match
 
     @property
     def mean_score(self) -> float:
@@ -319,6 +333,76 @@ class ByteTracker:
         self._retire()
         return self._output(detections)
 
+    def coast(self, image: Optional[np.ndarray] = None, frames_skipped: int = 0, hold: bool = False) -> Detections:
+        """Advance ``1 + frames_skipped`` frames on a frame the detector skipped; the tracks reported now.
+
+        No association: no track is matched or missed, so none is confirmed or marked lost; one unmatched for
+        longer than the lost buffer is removed (``"lost"`` if it was tracked, then ``"removed"``), as on
+        ``update``. With ``motion_compensation`` on, the camera's motion is estimated from ``image`` and every
+        track moved by it; then every track is predicted ahead. ``hold``: the scene is known not to have changed
+        (a motion gate saw nothing move): nothing is moved or predicted, and every track not lost is taken as
+        matched to its last detection again, as ``update`` would on a repeat of the last frame (its hits and
+        smoothed score go on; a ripe tentative track is confirmed). Returns the confirmed tracks the last
+        ``update`` reported, with their ids, class and last score, at their predicted boxes (see
+        ``coast_boxes``), ``data["det_index"]`` -1.
+        """
+        if frames_skipped < 0:
+            raise ValueError(f"frames_skipped: expected >= 0, got {frames_skipped}")
+        steps = 1 + frames_skipped
+        self._frame += steps
+        self.events = []
+        if hold:  # the same frame again: the tracks not lost are matched to their last detections again
+            for track in self._tracks:
+                if track.state is not _State.LOST:
+                    track.observe(self._frame, track.det_index, track.score, track.class_id)
+                    self._matched(track)
+        else:
+            motion = None
+            if image is not None and self._camera is not None:
+                motion = self._camera.estimate(image, exclude=xyah_to_xyxy(self._mean[:, :4]))
+            if motion is not None and len(self._tracks):
+                self._mean, self._cov = self._kalman.warp(self._mean, self._cov, motion)
+            self._predict(steps)
+        self._expire()
+        return self._coasted()
+
+    def max_speed(self) -> float:
+        """How fast the fastest tracked track moves, in source pixels per frame (its Kalman centre velocity, or
+        its height's); 0.0 when none is tracked."""
+        rows = [i for i, t in enumerate(self._tracks) if t.state is _State.TRACKED]
+        if not rows:
+            return 0.0
+        v = self._mean[rows, 4:]
+        return float(max(np.hypot(v[:, 0], v[:, 1]).max(), np.abs(v[:, 3]).max()))
+
+    def _expire(self) -> None:
+        """Remove the tracks unmatched for longer than the lost buffer (coasting)."""
+        keep = np.array([self._frame - t.last_frame <= self._lost_buffer for t in self._tracks], dtype=bool)
+        if keep.all():
+            return
+        for track in (t for t, k in zip(self._tracks, keep) if not k and t.state is not _State.TENTATIVE):
+            if track.state is _State.TRACKED:
+                self.events.append(track.event(TrackEventKind.LOST))
+            self.events.append(track.event(TrackEventKind.REMOVED))
+        self._tracks = [t for t, k in zip(self._tracks, keep) if k]
+        self._mean, self._cov = self._mean[keep], self._cov[keep]
+
+    def _coasted(self) -> Detections:
+        """The tracks reported on the last ``update`` still held, at their predicted boxes, in that call's order."""
+        floor, sure = self.config.report_thresh, self.config.confirm_thresh
+        rows = sorted((i for i, t in enumerate(self._tracks)
+                       if t.state is _State.TRACKED and (t.score_ema >= floor or t.score >= sure)),
+                      key=lambda i: self._tracks[i].det_index)
+        tracks = [self._tracks[i] for i in rows]
+        n = len(rows)
+        return Detections(
+            coast_boxes(self._mean[rows], tracks),
+            np.array([t.score for t in tracks], dtype=np.float32),
+            np.array([t.class_id for t in tracks], dtype=np.int32),
+            track_id=np.array([t.track_id for t in tracks], dtype=np.int64),
+            data={"det_index": np.full(n, -1, dtype=np.int64)},
+        )
+
     def _predict(self, steps: int) -> np.ndarray:
         """Advance every track ``steps`` frames; returns their (T, 4) predicted boxes."""
         lost = np.array([t.state is _State.LOST for t in self._tracks], dtype=bool)
@@ -381,15 +465,20 @@ class ByteTracker:
         boxes = detections.xyxy[det_idx]
         mean, cov = self._kalman.update(self._mean[track_idx], self._cov[track_idx], xyxy_to_xyah(boxes))
         self._mean[track_idx], self._cov[track_idx] = mean, cov
-        for i, box, d in zip(track_idx.tolist(), boxes, det_idx.tolist()):
+        for i, box, d, centre in zip(track_idx.tolist(), boxes, det_idx.tolist(), mean[:, :2]):
             track = self._tracks[i]
             track.xyxy = box
+            track.centre = centre
             track.observe(self._frame, d, float(detections.score[d]), int(detections.class_id[d]))
-            if track.state is _State.TENTATIVE:
-                if track.hits >= self.config.min_hits and track.mean_score >= self.config.confirm_thresh:
-                    self._confirm(track)
-            else:
-                track.state = _State.TRACKED
+            self._matched(track)
+
+    def _matched(self, track: _Track) -> None:
+        """A track was matched (or held): a tentative one is confirmed once ripe, a lost one is tracked again."""
+        if track.state is _State.TENTATIVE:
+            if track.hits >= self.config.min_hits and track.mean_score >= self.config.confirm_thresh:
+                self._confirm(track)
+        else:
+            track.state = _State.TRACKED
 
     def _spawn(self, unmatched_high: np.ndarray, detections: Detections) -> None:
         """Start tentative tracks from unmatched detections scoring ``new_track_thresh`` or more."""
@@ -402,8 +491,8 @@ class ByteTracker:
         self._mean = np.concatenate([self._mean, mean])
         self._cov = np.concatenate([self._cov, cov])
         at_once = cfg.min_hits <= 1 or (cfg.confirm_first_frame and self._calls == 1)
-        for box, d in zip(boxes, candidates.tolist()):
-            track = _Track(xyxy=box)
+        for box, d, centre in zip(boxes, candidates.tolist(), mean[:, :2]):
+            track = _Track(xyxy=box, centre=centre)
             track.observe(self._frame, d, float(detections.score[d]), int(detections.class_id[d]))
             if at_once and track.mean_score >= cfg.confirm_thresh:
                 self._confirm(track)
@@ -453,6 +542,23 @@ class ByteTracker:
             data={**{k: v[det_index] for k, v in detections.data.items()}, "det_index": det_index},
             metadata=detections.metadata,
         )
+
+
+# The box a coasting track reports: "shifted" (its last matched detection's box moved by the Kalman centre's motion
+# since that match) or "kalman" (the Kalman state's box); measured with `edgecv eval --suite` at every_n 2 and 3
+# (README, "Skipping frames").
+COAST_BOX = "shifted"
+
+
+def coast_boxes(mean: np.ndarray, tracks: list[_Track]) -> np.ndarray:
+    """(N, 4) boxes of coasting tracks from their Kalman means ``(N, 8)`` (see ``COAST_BOX``)."""
+    if COAST_BOX == "kalman" or not tracks:
+        return xyah_to_xyxy(mean[:, :4]).reshape(-1, 4)
+    last = np.array([t.xyxy for t in tracks], dtype=np.float64).reshape(-1, 4)
+    if COAST_BOX == "last":
+        return last
+    shift = mean[:, :2] - np.array([t.centre for t in tracks], dtype=np.float64).reshape(-1, 2)
+    return last + np.tile(shift, 2)
 
 
 def bench_tracker(n_objects: int = 20, n_frames: int = 500, images: Optional[list[np.ndarray]] = None,

@@ -1,0 +1,119 @@
+"""Which frames the detector runs on (a camera's ``detect`` section), decided on the capture thread before any
+preprocessing, so a frame the detector skips costs a counter step, or a motion test on a small grey copy.
+
+- ``every_n``: the detector runs on one frame in N; the tracker predicts the frames between.
+- ``motion_gate``: a frame is skipped when nothing moved since the last inferred frame and no tracked object is
+  still moving (``track_speed``, read from the camera worker). Motion: the frame, downscaled by a whole factor
+  to at most ``work_width`` pixels across and made grey, against a running background (``cv2.accumulateWeighted``
+  with weight ``alpha``, so a change fades from it over a few frames); pixels that differ by more than a threshold
+  (``sensitivity`` 1: 4 grey levels, 0: 64) outside the ``mask`` polygons are changed, and a changed area of at
+  least ``min_area`` source pixels² is motion. The test runs on every frame, skipped or not, so the background
+  stays current and motion between two inferences is not missed.
+- ``enabled: false``: no frame is inferred.
+
+The first frame, and the first after the source (re)opens (``reset``), is always inferred.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import cv2
+import numpy as np
+
+from ..config import DetectConfig, MotionGateConfig
+
+SKIP_INTERVAL, SKIP_STATIC, SKIP_DISABLED = "interval", "static", "disabled"  # why a frame was not inferred
+SKIP_REASONS = (SKIP_INTERVAL, SKIP_STATIC, SKIP_DISABLED)
+MOVING_PX = 1.0  # a tracked object moving faster (source pixels per frame) keeps the motion gate open
+
+
+class MotionDetector:
+    """Whether a frame changed from the running background (one instance per camera, its capture thread)."""
+
+    def __init__(self, sensitivity: float = 0.5, min_area: float = 150.0,
+                 mask: Optional[Sequence[Sequence[tuple[float, float]]]] = None, work_width: int = 320,
+                 alpha: float = 0.25) -> None:
+        self.level = 4.0 + (1.0 - sensitivity) * 60.0  # grey levels a pixel must change by
+        self.min_area = min_area
+        self.polygons = [np.asarray(p, dtype=np.float64) for p in mask or []]
+        self.work_width = work_width
+        self.alpha = alpha
+        self._background: Optional[np.ndarray] = None  # float32, small grey
+        self._keep: Optional[np.ndarray] = None  # uint8 small image: 255 where changes count
+        self._size: tuple[int, int] = (0, 0)
+        self._factor = 1
+        self.changed_area = 0.0  # of the last frame tested, source pixels²
+
+    @classmethod
+    def from_config(cls, cfg: MotionGateConfig) -> MotionDetector:
+        return cls(cfg.sensitivity, cfg.min_area, cfg.mask)
+
+    def reset(self) -> None:
+        """Forget the background (a new stream)."""
+        self._background = None
+
+    def _small_grey(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        if (w, h) != self._size:  # a new size: a new background and mask
+            self._size, self._background = (w, h), None
+            self._factor = max(1, math.ceil(w / self.work_width))
+            small = (max(1, w // self._factor), max(1, h // self._factor))
+            self._keep = np.full((small[1], small[0]), 255, np.uint8)
+            if self.polygons:
+                pts = [np.round(p / self._factor).astype(np.int32) for p in self.polygons]
+                cv2.fillPoly(self._keep, pts, 0)
+        small = cv2.resize(image, (self._keep.shape[1], self._keep.shape[0]), interpolation=cv2.INTER_AREA)
+        return cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
+
+    def moved(self, image: np.ndarray) -> bool:
+        """Whether ``image`` (BGR) differs from the background over at least ``min_area``; then it joins the
+        background. The first frame (no background yet) counts as motion."""
+        grey = self._small_grey(image)
+        if self._background is None:
+            self._background = grey.astype(np.float32)
+            self.changed_area = float(image.shape[0] * image.shape[1])
+            return True
+        diff = cv2.absdiff(grey, cv2.convertScaleAbs(self._background))
+        cv2.accumulateWeighted(grey, self._background, self.alpha)
+        changed = cv2.threshold(diff, self.level, 255, cv2.THRESH_BINARY)[1]
+        changed = cv2.bitwise_and(changed, self._keep)
+        self.changed_area = float(cv2.countNonZero(changed) * self._factor ** 2)
+        return self.changed_area >= self.min_area
+
+
+class FrameGate:
+    """Decides, frame by frame, whether the detector runs (``decide``); one per camera, on its capture thread.
+
+    ``track_speed``: how fast the camera's fastest tracked object moves now (pixels per frame), read by the motion
+    gate from the camera worker's thread (a float, so reading it is thread-safe).
+    """
+
+    def __init__(self, cfg: DetectConfig, track_speed: Callable[[], float] = lambda: 0.0) -> None:
+        self.cfg = cfg
+        self.track_speed = track_speed
+        self.motion = MotionDetector.from_config(cfg.motion_gate) if cfg.motion_gate.enabled else None
+        self._since = 0  # frames since the last inferred one
+        self._moved = False  # motion seen since the last inferred frame
+        self._fresh = True  # the next frame is a stream's first
+
+    def reset(self) -> None:
+        """The source (re)opened: its next frame is inferred, the motion background starts afresh."""
+        self._fresh = True
+        if self.motion is not None:
+            self.motion.reset()
+
+    def decide(self, image: np.ndarray) -> Optional[str]:
+        """None when the detector runs on this frame, else why not (``SKIP_REASONS``)."""
+        if not self.cfg.enabled:
+            return SKIP_DISABLED
+        if self.motion is not None:
+            self._moved = self.motion.moved(image) or self._moved
+        self._since += 1
+        if not self._fresh:
+            if self._since < self.cfg.every_n:
+                return SKIP_INTERVAL
+            if self.motion is not None and not self._moved and self.track_speed() <= MOVING_PX:
+                return SKIP_STATIC
+        self._fresh, self._since, self._moved = False, 0, False
+        return None
