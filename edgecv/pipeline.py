@@ -135,6 +135,7 @@ class CameraWorker:
         self.frames_inferred = 0  # frames the models ran on; the others, skipped by reason (sources.gate):
         self.frames_skipped_by = dict.fromkeys(SKIP_REASONS, 0)
         self.track_speed = 0.0  # px/frame of the fastest tracked object after the last frame (read by a motion gate)
+        self.measure_speed = False  # set when a gate reads track_speed: measured only then
         self._semantic: Optional[SemanticMasks] = None  # of the last inferred frame (a skipped frame keeps them)
         self.events = 0
         self.latency = LatencyWindow()
@@ -292,7 +293,8 @@ class CameraWorker:
             if self.on_detections is not None:
                 self.on_detections(frame, dets)
             tracks = tracker.update(dets, frames_skipped=skipped, image=frame.image)
-        self.track_speed = tracker.max_speed()
+        if self.measure_speed:
+            self.track_speed = tracker.max_speed()
         w, h = self.frame_size = frame.size
         np.clip(tracks.xyxy, 0, np.array([w, h, w, h], np.float32), out=tracks.xyxy)  # Kalman boxes may overshoot
         return tracks
@@ -497,6 +499,7 @@ class Pipeline:
         if not cam.detect.gated:
             return  # every frame inferred, as without the section
         gate = FrameGate(cam.detect, track_speed=lambda: worker.track_speed)
+        worker.measure_speed = True
         models = self.models
 
         def prepare(frame: Frame) -> Prepared:

@@ -544,19 +544,13 @@ class ByteTracker:
         )
 
 
-# The box a coasting track reports: "shifted" (its last matched detection's box moved by the Kalman centre's motion
-# since that match) or "kalman" (the Kalman state's box); measured with `edgecv eval --suite` at every_n 2 and 3
-# (README, "Skipping frames").
-COAST_BOX = "shifted"
-
-
 def coast_boxes(mean: np.ndarray, tracks: list[_Track]) -> np.ndarray:
-    """(N, 4) boxes of coasting tracks from their Kalman means ``(N, 8)`` (see ``COAST_BOX``)."""
-    if COAST_BOX == "kalman" or not tracks:
-        return xyah_to_xyxy(mean[:, :4]).reshape(-1, 4)
+    """(N, 4) boxes of coasting tracks from their Kalman means ``(N, 8)``: each one's last matched detection box
+    moved by its Kalman centre's motion since that match (measured with `edgecv eval --suite` at every_n 2 and 3
+    against the Kalman box and the unmoved box: README, "Skipping frames")."""
+    if not tracks:
+        return np.zeros((0, 4), np.float64)
     last = np.array([t.xyxy for t in tracks], dtype=np.float64).reshape(-1, 4)
-    if COAST_BOX == "last":
-        return last
     shift = mean[:, :2] - np.array([t.centre for t in tracks], dtype=np.float64).reshape(-1, 2)
     return last + np.tile(shift, 2)
 
