@@ -44,6 +44,7 @@ from .config import ConfigError, parse
 from .daemon import Daemon
 from .engine.bench import bench_model
 from .engine.registry import build_detector
+from .evaluation.variants import read_frames
 
 MAX_P99_MS = 200.0  # a camera count holds when frame and event p99 stay within this
 MAX_DROP_PCT = 1.0  # ... and each camera drops at most this share of its frames
@@ -328,11 +329,9 @@ def run_window(setup: Setup, node: str, cameras: int, warmup_s: float, duration_
 
 def model_only(setup: Setup, runs: int) -> dict[str, Any]:
     """Inference on a pre-made input (engine.bench.bench_model, ``runs`` timed) on the video's first frame."""
-    cap = cv2.VideoCapture(str(setup.video), cv2.CAP_FFMPEG)
-    ok, image = cap.read()
-    cap.release()
+    first = read_frames(setup.video, 1)
     detector = build_detector(setup.model, threads=setup.threads)
-    return bench_model(detector, n=runs, image=image if ok else None)
+    return bench_model(detector, n=runs, image=first[0] if first else None)
 
 
 # ---- capacity
