@@ -463,6 +463,10 @@ class Config(_Model):
     failure_limit: int = Field(50, ge=1, le=100_000, description="Frames in a row whose inference or processing "
                                "fails before a camera is given up (state failed); when inference fails that often, "
                                "or every camera is given up, the daemon exits 1 so that a service manager restarts it")
+    stuck_after_s: float = Field(30.0, gt=0, le=3600, description="A pipeline thread busy on one frame this long (an "
+                                 "inference that hangs, a frame being processed), or a capture read blocked this long "
+                                 "past its read timeout, is stuck: the health check fails and systemd's watchdog pings "
+                                 "stop, so that the service is restarted")
     cameras: dict[str, CameraConfig] = Field(min_length=1)
     # where the file was loaded from (for resolving relative paths); not a YAML key
     base_dir: Optional[str] = Field(None, exclude=True)

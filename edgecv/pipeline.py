@@ -157,6 +157,7 @@ class CameraWorker:
         # set by reconfigure() from another thread, taken by this worker's thread before its next frame
         self._handoff: Optional[_Reconfigure] = None
         self._handoff_lock = threading.Lock()
+        self.busy_since = 0.0  # monotonic time the frame being processed was taken (0: waiting for one)
 
     def start(self) -> None:
         self._thread.start()
@@ -204,6 +205,7 @@ class CameraWorker:
             item = self.queue.get()
             if item is None:
                 return
+            self.busy_since = time.monotonic()
             try:
                 self.process(*item)
             except Exception as e:  # keep the camera alive; report once per distinct error
@@ -214,6 +216,8 @@ class CameraWorker:
                 self.frame_failed(msg)
             else:
                 self.failures_in_a_row = 0
+            finally:
+                self.busy_since = 0.0
 
     def frame_failed(self, reason: str) -> None:
         """A frame of this camera was dropped because inference or its processing failed (counted); after
@@ -349,6 +353,7 @@ class InferenceWorker:
         self.failures = 0  # frames whose inference failed
         self.failures_in_a_row = 0
         self._reported: set[str] = set()  # distinct failure messages logged so far
+        self.busy_since = 0.0  # monotonic time the running chunk's inference began (0: not inferring)
 
     def start(self) -> None:
         self._thread.start()
@@ -363,6 +368,10 @@ class InferenceWorker:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def _collect(self) -> list[tuple[CameraWorker, Prepared]]:
         ready = []
@@ -416,7 +425,7 @@ class InferenceWorker:
         dropped and counted, the failure logged once per distinct message. Returns False once inference has
         failed ``failure_limit`` frames in a row: the pipeline has failed."""
         try:
-            began = time.monotonic()
+            self.busy_since = began = time.monotonic()
             per_model, placements = self._infer([p for _, p in items])
         except Exception as e:
             if len(items) > 1:
@@ -437,6 +446,8 @@ class InferenceWorker:
                 log.error(self.error)
                 return False
             return True
+        finally:
+            self.busy_since = 0.0
         self.failures_in_a_row = 0
         self._hand_over(items, per_model, placements, began)
         return True
@@ -563,6 +574,35 @@ class Pipeline:
                 log.warning("camera %s: worker did not drain in time", w.name)
         for w in self.workers.values():
             w.join(max(0.1, deadline - time.monotonic()))
+
+    def health(self, now: Optional[float] = None) -> list[str]:
+        """Why the pipeline is not making progress, one reason per stuck or dead thread (empty: healthy).
+
+        Stuck: the inference thread busy on one batch, or a camera worker on one frame, for the config's
+        `stuck_after_s`; a capture thread blocked in one read for that long past the camera's read timeout (the
+        backend ignores its timeout, and the thread cannot be interrupted). Dead: a thread that ended while the
+        pipeline runs (a finished file source, a camera given up or a stop are not problems). Read by systemd's
+        watchdog (no ping while there is a reason) and the HTTP `/healthz`."""
+        now = time.monotonic() if now is None else now
+        limit = self.cfg.stuck_after_s
+        problems = []
+        if self.started_at and not self.done:
+            if self.inference.error:
+                problems.append(self.inference.error)
+            elif not self.inference.alive and not self.inference.stopping:
+                problems.append("inference thread ended")
+        busy = self.inference.busy_since
+        if busy and now - busy > limit:
+            problems.append(f"inference stuck: one batch running for {now - busy:.0f}s")
+        for name, w in self.workers.items():
+            if w.busy_since and now - w.busy_since > limit:
+                problems.append(f"camera {name}: worker stuck on one frame for {now - w.busy_since:.0f}s")
+            elif self.started_at and not w.alive and self.inference.alive:
+                problems.append(f"camera {name}: worker thread ended")
+            blocked = self.sources[name].read_blocked_s(now)
+            if blocked > limit + self.sources[name].cfg.read_timeout_s:
+                problems.append(f"camera {name}: capture blocked in one read for {blocked:.0f}s")
+        return problems
 
     def check_stalls(self) -> None:
         for s in self.sources.values():

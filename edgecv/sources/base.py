@@ -208,6 +208,11 @@ class Source:
                         self.name, now - since, type(self).__name__)
         return False
 
+    def read_blocked_s(self, now: Optional[float] = None) -> float:
+        """How long the capture thread has been in its current read (0: not in a read)."""
+        since = self._read_since
+        return ((time.monotonic() if now is None else now) - since) if since else 0.0
+
     # ---- the capture loop
     def _open(self) -> cv2.VideoCapture:
         raise NotImplementedError
