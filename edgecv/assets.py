@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from .progress import Progress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,6 +107,16 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def download(resp, out, label: str) -> int:
+    """Copy an HTTP response into ``out``, its progress (bytes, of Content-Length when given) on stderr; the size."""
+    length = resp.headers.get("Content-Length", "")
+    with Progress(label, total=int(length) if length.isdigit() else None, unit="B") as progress:
+        for chunk in iter(lambda: resp.read(1 << 16), b""):
+            out.write(chunk)
+            progress.update(len(chunk))
+    return int(progress.n)
+
+
 def fetch(asset: KnownAsset, dest_root: Optional[Path] = None, timeout: float = 60.0) -> Path:
     """Download a known asset into the cache, checking its hash. Raises OSError on failure."""
     if not asset.url:
@@ -115,7 +126,7 @@ def fetch(asset: KnownAsset, dest_root: Optional[Path] = None, timeout: float = 
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(asset.url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out)
+            download(resp, out, Path(asset.rel).name)
         digest = sha256_of(Path(tmp))
         if asset.sha256 and digest != asset.sha256:
             raise OSError(f"{asset.rel}: downloaded file has sha256 {digest}, expected {asset.sha256}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,15 +28,17 @@ from .engine.bench import bench_batch, bench_model
 from .engine.onnx_batch import rewrite_file, sample_frames
 from .engine.registry import build_detector
 from .evaluation.compare import (
+    Comparison,
     compare_suite,
     comparison_table,
     default_peers_python,
     summary_table,
 )
 from .evaluation.runner import RunSpec
-from .evaluation.variants import read_frames
+from .evaluation.variants import read_frames, sequence_dirs
 from .models import ModelSet, load_models
 from .pipeline import CameraWorker, Pipeline, build_rules, tracker_config
+from .progress import Progress
 from .sources.capture import make_source
 from .track import track_video
 from .tracking.bytetrack import ByteTracker, bench_tracker
@@ -157,7 +158,7 @@ def _run_models(models: ModelSet, image: np.ndarray, times: dict[str, list[float
 
 
 def _time_stages(worker: CameraWorker, models: ModelSet, location: str, frames: int,
-                 times: dict[str, list[float]]) -> tuple[int, int, tuple[int, int]]:
+                 times: dict[str, list[float]], progress: Progress) -> tuple[int, int, tuple[int, int]]:
     """Up to ``frames`` frames of the clip through every stage in sequence: (frames, events, frame size)."""
     cap = cv2.VideoCapture(location, cv2.CAP_FFMPEG)
     events = 0
@@ -180,6 +181,7 @@ def _time_stages(worker: CameraWorker, models: ModelSet, location: str, frames: 
         end = time.perf_counter()
         times["track_rules"].append((end - t4) * 1000)
         times["total"].append((end - start) * 1000)
+        progress.update()
     cap.release()
     return n_frames, events, size
 
@@ -198,11 +200,12 @@ def _stage_rows(times: dict[str, list[float]]) -> list[tuple[str, str]]:
     return rows
 
 
-def _pipeline_row(cfg: Config, models: ModelSet, cam_name: str, cam: CameraConfig, n_frames: int) -> tuple[str, str]:
+def _pipeline_row(cfg: Config, models: ModelSet, cam_name: str, cam: CameraConfig, n_frames: int,
+                  progress: Progress) -> tuple[str, str]:
     """The threaded pipeline (capture, inference, worker overlap), as `edgecv run --fast` without MQTT."""
     cams = {cam_name: cam.model_copy(update={"realtime": False, "loop": False})}
     quiet = cfg.model_copy(update={"cameras": cams})
-    pipe = Pipeline(quiet, models, sinks=[], max_frames=n_frames)
+    pipe = Pipeline(quiet, models, sinks=[], max_frames=n_frames, on_tracks=lambda *_: progress.update())
     t0 = time.perf_counter()
     pipe.run()
     seconds = time.perf_counter() - t0
@@ -221,7 +224,8 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
     names = models.names
     times = _stage_times(names)
     _warm_up(cap, models, cam_name, location)
-    n_frames, events, size = _time_stages(worker, models, location, frames, times)
+    with Progress("bench driving: stages in sequence", total=frames) as progress:
+        n_frames, events, size = _time_stages(worker, models, location, frames, times, progress)
     if not n_frames:
         raise EdgecvError(f"cameras.{cam_name}.source: no decodable frame in {location}")
     rows = [("config", f"{Path(config).name if config else 'built-in driving config'}: camera {cam_name}, {Path(location).name} {size[0]}x{size[1]}, "
@@ -230,7 +234,8 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
                                  f"{m.input_size[0]}x{m.input_size[1]}, {m.backend.name} {m.backend.device})"
                                  for n, m in zip(names, models.all)))]
     rows += _stage_rows(times)
-    rows.append(_pipeline_row(cfg, models, cam_name, cam, n_frames))
+    with Progress("bench driving: pipeline", total=n_frames) as progress:
+        rows.append(_pipeline_row(cfg, models, cam_name, cam, n_frames, progress))
     return rows
 
 
@@ -238,11 +243,19 @@ def bench_tracker_rows(video: Optional[Path], frames: int) -> list[tuple[str, st
     """Tracker time per frame (median) at 10 and 50 objects, without and with camera-motion compensation
     on the video's frames, and the compensation alone."""
 
-    rows = []
     n = max(100, min(frames, 500))
     images = read_frames(video, n) if video is not None else []
+    with Progress("bench tracker", total=2 * n + 4 * len(images)) as progress:
+        return _tracker_rows(n, images, video, progress)
+
+
+def _tracker_rows(n: int, images: list[np.ndarray], video: Optional[Path],
+                  progress: Progress) -> list[tuple[str, str]]:
+    """The rows of :func:`bench_tracker_rows`, each frame run counted in ``progress``."""
+    rows = []
     for objects in (10, 50):
-        rows.append((f"tracker, {objects} objects", f"{bench_tracker(objects, n):.3f} ms per frame (median)"))
+        ms = bench_tracker(objects, n, progress=progress)
+        rows.append((f"tracker, {objects} objects", f"{ms:.3f} ms per frame (median)"))
     if not images:
         return rows + [("motion compensation", "skipped: no video frames (--video)")]
     h, w = images[0].shape[:2]
@@ -254,9 +267,10 @@ def bench_tracker_rows(video: Optional[Path], frames: int) -> list[tuple[str, st
             t0 = time.perf_counter()
             cm.estimate(image)
             times.append((time.perf_counter() - t0) * 1000)
+            progress.update()
         rows.append((f"motion compensation, {method}", f"{np.median(times[1:]):.3f} ms per frame (median, {where})"))
     for objects in (10, 50):
-        ms = bench_tracker(objects, len(images), images=images, motion_compensation="sparse_flow")
+        ms = bench_tracker(objects, len(images), images=images, motion_compensation="sparse_flow", progress=progress)
         rows.append((f"tracker + sparse_flow, {objects} objects", f"{ms:.3f} ms per frame (median, {where})"))
     return rows
 
@@ -272,8 +286,13 @@ def run_bench_trackers(args: argparse.Namespace) -> int:
     spec = RunSpec(config=args.config, model=None if args.config else args.model, classes=classes, conf=args.conf,
                    threads=args.threads, tracker=tuple(args.tracker or ()))
     python = Path(args.peers_python) if args.peers_python else default_peers_python()
-    comparisons = compare_suite(args.suite, spec, python, args.peers, on_sequence=lambda c: print(
-        f"  {c.sequence}: {c.results[0].frames} frames", file=sys.stderr))
+    with Progress("bench trackers", total=len(sequence_dirs(Path(args.suite))), unit="sequences") as progress:
+
+        def done(c: Comparison) -> None:
+            progress.write(f"  {c.sequence}: {c.results[0].frames} frames")
+            progress.update()
+
+        comparisons = compare_suite(args.suite, spec, python, args.peers, on_sequence=done)
     print("edgecv bench trackers: every tracker on the same detections (edgecv's pipeline), "
           f"{'config ' + args.config if args.config else Path(args.model).name}, scored at IoU 0.5")
     print(comparison_table(comparisons))
@@ -306,8 +325,9 @@ def bench_batch_rows(model: Path, video: Path, threads: Optional[int], frames: i
             backend = detector.backend
         usable = [b for b in sizes if b <= backend.max_batch]
         inputs = np.stack([detector.preprocess(image)[0] for image in sample_frames(video, max(usable))])
-        results = bench_batch(backend, inputs, usable, frames,
-                              original=original.backend if detector is not original else None)
+        with Progress("bench batch", unit="rounds") as progress:
+            results = bench_batch(backend, inputs, usable, frames,
+                                  original=original.backend if detector is not original else None, progress=progress)
     w, h = detector.input_size
     made = ", made dynamic for the benchmark (edgecv model dynamic-batch)" if detector is not original else ""
     rows = [("model", f"{model.name} ({detector.family}, {backend.name} {backend.device}, input {w}x{h}{made})"),
@@ -336,6 +356,13 @@ def run_bench_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cpu_rows(per_frame: dict[str, float]) -> list[tuple[str, str]]:
+    """Where the CPU went, per frame, by stage (:mod:`edgecv.cpu`): the stages that used any."""
+    rows = [(f"cpu per frame: {role.replace('_', ' ')}", f"{ms:.2f} ms") for role, ms in per_frame.items()
+            if role != "total" and ms > 0]
+    return rows + [("cpu per frame: total", f"{per_frame['total']:.2f} ms")] if rows else []
+
+
 def run_bench(args: argparse.Namespace) -> int:
     if args.what == "trackers":
         return run_bench_trackers(args)
@@ -359,7 +386,8 @@ def run_bench(args: argparse.Namespace) -> int:
     model_fps = None
     if args.what in ("model", "track", "all"):
         detector = build_detector(model, threads=args.threads)
-        r = bench_model(detector, n=max(20, min(args.frames, 200)), image=_frame(video))
+        with Progress("bench model", unit="runs") as progress:
+            r = bench_model(detector, n=max(20, min(args.frames, 200)), image=_frame(video), progress=progress)
         model_fps = 1000.0 / r["infer_ms"]
         rows += [
             ("model", f"{Path(r['model']).name} ({r['family']}, {r['backend']}, {r['device']}, "
@@ -376,6 +404,7 @@ def run_bench(args: argparse.Namespace) -> int:
         rows += [
             ("edgecv track", f"{res.frames} frames of {video.name} in {res.seconds:.2f} s = {res.fps:.1f} fps"),
             ("track / model-only", f"{res.fps / model_fps:.2f}" if model_fps else "n/a"),
+            *cpu_rows(res.cpu_ms or {}),
         ]
     if args.what in ("tracker", "all"):
         rows += bench_tracker_rows(video, args.frames)

@@ -45,6 +45,7 @@ from .daemon import Daemon
 from .engine.bench import bench_model
 from .engine.registry import build_detector
 from .evaluation.variants import read_frames
+from .progress import Progress
 
 MAX_P99_MS = 200.0  # a camera count holds when frame and event p99 stay within this
 MAX_DROP_PCT = 1.0  # ... and each camera drops at most this share of its frames
@@ -284,20 +285,26 @@ def _clear_latency(daemon: Daemon) -> None:
                 window.clear()
 
 
-def _watch(daemon: Daemon, warmup_s: float, duration_s: float, label: str, out: dict[str, Any]) -> None:
-    """The controller thread: warm-up, the measured window (progress every 10 s), then stop the daemon."""
+def _tick(daemon: Daemon, until: float, progress: Progress, start: float) -> bool:
+    """Wait until ``until`` (monotonic), ``progress`` moved to the seconds since ``start`` every second; True: the
+    daemon stopped first."""
+    while not daemon.stop_event.wait(min(1.0, max(0.0, until - time.monotonic()))):
+        now = time.monotonic()
+        progress.update(max(0.0, min(round(now - start), progress.total or 0.0) - progress.n))  # whole seconds
+        if now >= until - 1e-3:
+            return False
+    return True
+
+
+def _watch(daemon: Daemon, warmup_s: float, duration_s: float, progress: Progress, out: dict[str, Any]) -> None:
+    """The controller thread: warm-up, the measured window (``progress`` in seconds), then stop the daemon."""
     try:
-        if daemon.stop_event.wait(warmup_s):
+        start = time.monotonic()
+        if _tick(daemon, start + warmup_s, progress, start):
             return
         _clear_latency(daemon)
         first, t0, cpu0, wall0 = daemon.publish_stats(), time.monotonic(), time.process_time(), time.time()
-        end = t0 + duration_s
-        while not daemon.stop_event.wait(min(10.0, max(0.0, end - time.monotonic()))):
-            if time.monotonic() >= end - 1e-3:
-                break
-            cams = daemon.pipeline.stats()["cameras"].values()
-            _say(f"{label}: {time.monotonic() - t0:.0f}/{duration_s:.0f} s, "
-                 f"{sum(c['frames_processed'] for c in cams)} frames processed")
+        _tick(daemon, t0 + duration_s, progress, start)
         last, seconds, cpu = daemon.publish_stats(), time.monotonic() - t0, time.process_time() - cpu0
         out.update(first=first, last=last, seconds=seconds, cpu=cpu, wall=(wall0, time.time()))
     except Exception as e:  # never leave the daemon running unobserved
@@ -315,11 +322,13 @@ def run_window(setup: Setup, node: str, cameras: int, warmup_s: float, duration_
         raise EdgecvError("; ".join(e.problems)) from None
     daemon = Daemon(cfg)
     out: dict[str, Any] = {}
-    watcher = threading.Thread(target=_watch, args=(daemon, warmup_s, duration_s, label, out),
-                               name="bench-watch", daemon=True)
-    watcher.start()
-    code = daemon.run()  # stops when the watcher says so; delivers the last events before returning
-    watcher.join(5)
+    with Progress(f"{label} ({warmup_s:g} s warm-up + {duration_s:g} s measured)", total=warmup_s + duration_s,
+                  unit="s") as progress:
+        watcher = threading.Thread(target=_watch, args=(daemon, warmup_s, duration_s, progress, out),
+                                   name="bench-watch", daemon=True)
+        watcher.start()
+        code = daemon.run()  # stops when the watcher says so; delivers the last events before returning
+        watcher.join(5)
     if "error" in out or "last" not in out:
         raise EdgecvError(f"{label}: {out.get('error') or f'the daemon stopped before the end (exit {code})'}")
     since, until = out["wall"]
@@ -331,7 +340,8 @@ def model_only(setup: Setup, runs: int) -> dict[str, Any]:
     """Inference on a pre-made input (engine.bench.bench_model, ``runs`` timed) on the video's first frame."""
     first = read_frames(setup.video, 1)
     detector = build_detector(setup.model, threads=setup.threads)
-    return bench_model(detector, n=runs, image=first[0] if first else None)
+    with Progress("model only", unit="runs") as progress:
+        return bench_model(detector, n=runs, image=first[0] if first else None, progress=progress)
 
 
 # ---- capacity

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import EdgecvError, UsageError, __version__, assets
+from . import EdgecvError, UsageError, __version__, assets, service
 from .assets import resolve
 from .bench import run_bench
 from .capacity import RUNNERS as CAPACITY_RUNNERS
@@ -124,10 +124,10 @@ def _eval_results(args: argparse.Namespace, spec: RunSpec) -> list[SequenceResul
     """A suite's sequences (each reported on stderr unless --json), an existing result file, or one video."""
     if args.suite:
         return evaluate_suite(args.suite, spec, on_sequence=None if args.json else (
-            lambda r: print(f"  {r.name}: {r.frames} frames in {r.seconds:.1f} s", file=sys.stderr)))
+            lambda r: print(f"  {r.name}: {r.frames} frames in {r.seconds:.1f} s", file=sys.stderr)), progress=True)
     if args.results:
         return [score_results(args.gt, args.results, args.video)]
-    return [evaluate(args.video, args.gt, spec)]
+    return [evaluate(args.video, args.gt, spec, progress=True)]
 
 
 def _print_eval(results: list[SequenceResult], tolerance_s: float) -> None:
@@ -234,6 +234,20 @@ def cmd_model_dynamic_batch(args: argparse.Namespace) -> int:
     print(f"checked with ONNX Runtime (CPU) on {check.frames} frames of {video.name}, each frame's outputs against "
           f"the original model's on that frame: {diffs}")
     print(f"wrote {result.output}")
+    return EXIT_OK
+
+
+def cmd_service_install(args: argparse.Namespace) -> int:
+    """Write the systemd unit and print the systemctl commands to run (never runs them)."""
+    if not Path(args.config).expanduser().is_file():
+        return _fail(f"CONFIG: file not found: {args.config}", EXIT_CONFIG)
+    try:
+        path = service.install(args.config, user=args.user, output=args.output)
+    except OSError as e:
+        return _fail(str(e))
+    print(f"wrote {path}; now run:")
+    for line in service.systemctl_commands(path, args.user):
+        print(f"  {line}")
     return EXIT_OK
 
 
@@ -365,6 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None,
                    help="engine file (default: the engine cache, engines/cache or $EDGECV_ENGINE_CACHE)")
     e.set_defaults(func=cmd_build_engine)
+
+    sv = sub.add_parser("service", help="systemd: write the unit that runs the daemon (service install)")
+    svsub = sv.add_subparsers(dest="service_command", required=True)
+    si = svsub.add_parser("install", help="write a hardened Type=notify unit for CONFIG and print the systemctl "
+                          "commands to run (it runs none)")
+    si.add_argument("config", help="the daemon's config (its absolute path goes into ExecStart)")
+    si.add_argument("--user", action="store_true", help="a user unit (~/.config/systemd/user; no User=, "
+                    "no options only a system manager applies)")
+    si.add_argument("--output", default=None, help="write the unit here instead (a file, or a folder for "
+                    "edgecv.service)")
+    si.set_defaults(func=cmd_service_install)
 
     mo = sub.add_parser("model", help="model tools (dynamic-batch)")
     msub = mo.add_subparsers(dest="model_command", required=True)

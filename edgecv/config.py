@@ -7,6 +7,7 @@ Unknown keys are errors (a typo must not pass silently).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -123,6 +124,9 @@ class ZoneConfig(_RuleBase):
 class LineConfig(_RuleBase):
     points: list[Point] = Field(description="Two points [[x1, y1], [x2, y2]] in source pixels, coordinates 0 to "
                                 "100000, at least 1 px apart")
+    reset: Optional[str] = Field(None, pattern=r"^daily@([01][0-9]|2[0-3]):[0-5][0-9]$",
+                                 description="When the line's retained MQTT counters go back to 0: daily@HH:MM "
+                                 "(local time); default: only by the reset command")
 
     @field_validator("points")
     @classmethod
@@ -329,6 +333,19 @@ class SnapshotConfig(_Model):
     draw_masks: bool = Field(True, description="Draw instance masks and the drivable area / lanes when present")
 
 
+class HomeAssistantConfig(_Model):
+    enabled: bool = Field(False, description="Announce this node's state topics as Home Assistant entities (MQTT "
+                          "discovery, retained)")
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$", max_length=256,
+                                  description="Home Assistant's discovery prefix (letters, digits, _ and -, levels "
+                                  "separated by /)")
+
+
+class CommandsConfig(_Model):
+    enabled: bool = Field(False, description="Subscribe to the command topics (<prefix>/<node>/.../set, "
+                          "lines/<line>/reset); the broker's ACLs decide who may publish them")
+
+
 class MqttConfig(_Model):
     enabled: bool = Field(True, description="Publish to an MQTT broker (false: console only)")
     host: str = Field("localhost", min_length=1, description="Broker host name or address")
@@ -341,8 +358,9 @@ class MqttConfig(_Model):
     topic_prefix: str = Field("edgecv", min_length=1, description="Topics are <prefix>/<node_id>/...; at most 256 "
                               "characters, no control characters, + or #, no empty level")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive interval")
-    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version (5: the broker announces "
-                                            "its maximum packet size)")
+    protocol: Literal["3.1.1", "5"] = Field("5", description="MQTT protocol version (5: the broker announces "
+                                            "its maximum packet size, events carry user properties schema and "
+                                            "event_id; a broker that refuses 5 gets 3.1.1, logged once)")
     max_packet_size: Optional[int] = Field(None, ge=128, le=268_435_455, description="The broker's maximum packet "
                                            "size in bytes (Mosquitto's max_packet_size), when it does not announce it "
                                            "(MQTT 3.1.1); default: announced (MQTT 5) or learned")
@@ -352,6 +370,9 @@ class MqttConfig(_Model):
     stats_interval_s: float = Field(10.0, gt=0, le=3600, description="Period of <prefix>/<node>/stats messages")
     spool: SpoolConfig = Field(SpoolConfig(), description="Disk spool holding events until the broker has them")
     snapshots: SnapshotConfig = Field(SnapshotConfig(), description="Annotated JPEG snapshots of event frames (QoS 0)")
+    homeassistant: HomeAssistantConfig = Field(HomeAssistantConfig(), description="Home Assistant MQTT discovery")
+    commands: CommandsConfig = Field(CommandsConfig(), description="Commands over MQTT (detection on/off, snapshot, "
+                                     "line counter reset, reload)")
 
     @field_validator("topic_prefix")
     @classmethod
@@ -451,11 +472,46 @@ class ConsoleConfig(_Model):
     format: Literal["text", "json"] = Field("text", description="text: readable line; json: the MQTT payload")
 
 
+class HttpConfig(_Model):
+    enabled: bool = Field(False, description="Serve the operator HTTP endpoints: /metrics (Prometheus), /healthz, "
+                          "/readyz, and the live annotated preview (/, /cameras/<name>/latest.jpg, stream.mjpeg)")
+    allow_remote: bool = Field(False, description="Allow `host` to be an address other than loopback (metrics and "
+                               "previews reveal camera names, rates and images: put them behind a firewall or proxy)")
+    host: str = Field("127.0.0.1", min_length=1, max_length=253, description="Address to listen on (loopback "
+                      "unless `allow_remote: true`)")
+    port: int = Field(9108, ge=1, le=65535, description="TCP port to listen on")
+    preview_fps: float = Field(5.0, gt=0, le=30, description="Most frames a second a preview stream (MJPEG) or page "
+                               "sends; frames are drawn and encoded only while someone is watching")
+
+    @field_validator("host")
+    @classmethod
+    def _loopback(cls, v: str, info: Any) -> str:
+        if not info.data.get("allow_remote", False) and not is_loopback(v):
+            raise ValueError(f"{v!r} is not a loopback address: metrics and previews reveal camera names, rates and "
+                             "images; set http.allow_remote: true to listen on it")
+        return v
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface (localhost, 127.0.0.0/8, ::1)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to any interface
+
+
 class Config(_Model):
     node_id: str = Field(pattern=NAME_RE, description="This node's id in MQTT topics and events")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging threshold (stderr)")
+    log_format: Literal["text", "json"] = Field("text", description="stderr log lines: text (no timestamp of its "
+                                                "own under journald), or json: one object per line with time, level, "
+                                                "logger, camera and message")
     mqtt: MqttConfig = MqttConfig()
     console: ConsoleConfig = ConsoleConfig()
+    http: HttpConfig = Field(HttpConfig(), description="Operator HTTP server: Prometheus metrics, health and "
+                             "readiness checks, live annotated preview (off by default)")
     model: Optional[ModelConfig] = Field(None, description="The detection model (or several models in `models`)")
     models: Optional[list[ModelConfig]] = Field(
         None, min_length=1, description="Models run on every frame: one detector (tracked) and any semseg segmenters")

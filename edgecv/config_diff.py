@@ -14,7 +14,7 @@ from .config import Config
 
 RULE_KEYS = frozenset({"zones", "lines", "objects", "driving"})  # a camera's sections applied live
 LIVE_MODEL_KEYS = frozenset({"conf", "iou", "classes"})  # a detector's settings applied live
-RESTART_SECTIONS = ("node_id", "mqtt", "console", "log_level", "failure_limit")
+RESTART_SECTIONS = ("node_id", "mqtt", "console", "log_level", "failure_limit", "http")
 
 
 @dataclass(frozen=True)

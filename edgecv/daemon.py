@@ -21,10 +21,14 @@ from .config_diff import applied, diff
 from .models import load_models, retuned
 from .pipeline import EventSink, Pipeline, build_rules, tracker_config
 from .publish.console import ConsoleSink
+from .publish.consumers import MqttConsumers
 from .publish.mqtt import MqttPublisher
 from .publish.snapshot import SnapshotPublisher
 from .publish.spool import Spool, SpoolError, default_spool_path
+from .logfmt import formatter as log_formatter
+from .service import ServiceNotify
 from .types import Detections, Event, Frame
+from .web.server import OperatorServer
 
 log = logging.getLogger("edgecv")
 
@@ -38,14 +42,19 @@ def _warning_line(message: Warning | str, category: type[Warning], filename: str
                                                  Path(filename).name, lineno)
 
 
-def setup_logging(level: str = "info") -> None:
+def setup_logging(level: str = "info", fmt: Optional[str] = None) -> None:
+    """stderr logging at ``level``; ``fmt`` (the config's log_format: text, json) when known, else text (see
+    :mod:`edgecv.logfmt`: no timestamp of its own when stderr is the journal)."""
     warnings.showwarning = _warning_line
     root = logging.getLogger()
-    if not any(getattr(h, "_edgecv", False) for h in root.handlers):
+    handler = next((h for h in root.handlers if getattr(h, "_edgecv", False)), None)
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setFormatter(log_formatter(fmt or "text"))
         handler._edgecv = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+    elif fmt is not None:
+        handler.setFormatter(log_formatter(fmt))
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
@@ -128,6 +137,8 @@ class Daemon:
         self.signals = signals or Signals()
         self.stop_event = self.signals.stop
         self.reload_event = self.signals.reload
+        # the operator HTTP server binds first: a port in use fails at once, before the models load
+        self.http = OperatorServer(cfg.http) if cfg.http.enabled else None
         self.models = load_models(cfg)
         self.detector = self.models.detector
         sinks: list[EventSink] = []
@@ -143,14 +154,18 @@ class Daemon:
                        for k, v in cfg.mqtt.tls.model_dump(include={"ca_file", "cert_file", "key_file"}).items()}
             self.publisher = MqttPublisher(cfg.mqtt, cfg.node_id, spool, tls)
             sinks.append(PublisherSink(self.publisher))
+        # retained state topics, Home Assistant discovery, commands (None without MQTT)
+        self.consumers = MqttConsumers.make(cfg, self.publisher, self.detector.names, self.reload_event)
         on_tracks = None
         if self.publisher is not None and cfg.mqtt.publish_tracks:
             on_tracks = TracksPublisher(self.publisher, self.detector.names, cfg.mqtt.tracks_max_hz)
         on_events = None
         if self.publisher is not None and cfg.mqtt.snapshots.enabled:
             on_events = SnapshotPublisher(self.publisher, cfg, self.detector.names)
-        self.pipeline = Pipeline(cfg, self.models, sinks, max_frames=max_frames, on_tracks=on_tracks,
-                                 on_events=on_events)
+        extra_sinks, hooks = MqttConsumers.wiring(self.consumers)
+        self.pipeline = Pipeline(cfg, self.models, sinks + extra_sinks, max_frames=max_frames, on_tracks=on_tracks,
+                                 on_events=on_events, **hooks)
+        MqttConsumers.attach_to(self.consumers, self.pipeline)
 
     def _override(self, cfg: Config) -> Config:
         """Apply command-line overrides (--fast: files as fast as possible, also unpaced)."""
@@ -184,6 +199,8 @@ class Daemon:
         for name, w in self.pipeline.workers.items():  # each worker keeps its own frame rate
             w.reconfigure(rules=rules.get(name), tracker_config=tcfg, detector=decoder)
         self.cfg = applied(self.cfg, new, change)
+        if self.consumers is not None:
+            self.consumers.reconfigure(self.cfg)
         live = change.live
         log.info("reload: applied %s", ", ".join(live) if live else "nothing (no change)")
         if change.restart:
@@ -196,13 +213,22 @@ class Daemon:
                  ", ".join(f"{Path(str(m.backend.path)).name} ({m.family}, {m.backend.name})" for m in self.models.all))
         if self.publisher is not None:
             self.publisher.start()
+        if self.consumers is not None:
+            self.consumers.start()
+        if self.http is not None:
+            self.http.attach(self.pipeline, self.publisher, lambda: self.cfg, self.detector.names)
+            self.http.start()
         self.pipeline.start()
         next_stats = time.monotonic() + cfg.mqtt.stats_interval_s
+        service = ServiceNotify()  # systemd (Type=notify): READY, STATUS, WATCHDOG while healthy; no-op without it
         while not self.stop_event.wait(0.2):
             if self.reload_event.is_set():
                 self.reload_event.clear()
+                service.reloading()
                 self.reload()
+                service.reloaded(self.pipeline, self.publisher)
             self.pipeline.check_stalls()
+            service.tick(self.pipeline, self.publisher)
             if time.monotonic() >= next_stats:
                 self.publish_stats()
                 next_stats = time.monotonic() + cfg.mqtt.stats_interval_s
@@ -213,6 +239,7 @@ class Daemon:
             if self.pipeline.done:
                 log.info("all sources finished")
                 break
+        service.stopping()
         return self.shutdown()
 
     def publish_stats(self) -> dict:
@@ -242,12 +269,16 @@ class Daemon:
             failed = f", {cam['frames_failed']} failed" if cam["frames_failed"] else ""
             log.info("camera %s: %d frames read, %d processed, %d dropped%s, %d events", name, cam["frames_read"],
                      cam["frames_processed"], cam["frames_dropped"], failed, cam["events"])
+        if self.consumers is not None:
+            self.consumers.stop()
         if self.publisher is not None:
             self.publisher.close(deadline_s=max(0.5, SHUTDOWN_DEADLINE_S - (time.monotonic() - t0)))
             if self.publisher.spool.dead_letters:
                 log.warning("mqtt: %d events set aside as undeliverable (over the broker's maximum packet size): in "
                             "the dead_letter table of %s", self.publisher.spool.dead_letters, self.publisher.spool.path)
             self.publisher.spool.close()
+        if self.http is not None:  # answers until here: the final counters can be scraped
+            self.http.stop()
         failed = [f"{n}: {s.reason}" for n, s in self.pipeline.sources.items() if s.state == "failed"]
         for msg in failed:
             log.error("camera %s", msg)
@@ -258,7 +289,7 @@ def run(cfg: Config, max_frames: Optional[int] = None, realtime: Optional[bool] 
         config_path: Optional[str] = None, signals: Optional[Signals] = None) -> int:
     """The daemon: start-up (models, spool, pipeline) on a helper thread so that the main thread keeps answering
     signals, then the run. A SIGTERM/SIGINT during start-up exits 0 at once."""
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     if signals is None:
         signals = Signals().install(reload=config_path is not None)
     made: dict[str, Any] = {}
@@ -271,6 +302,7 @@ def run(cfg: Config, max_frames: Optional[int] = None, realtime: Optional[bool] 
             made["error"] = e
 
     helper = threading.Thread(target=start_up, name="start-up", daemon=True)
+    ServiceNotify().status("starting: loading the models")
     helper.start()
     while helper.is_alive():
         if signals.stop.wait(0.05):

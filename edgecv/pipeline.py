@@ -27,6 +27,7 @@ from . import EdgecvError
 from .analytics.driving import CollisionRule, MaskZoneRule
 from .analytics.rules import FrameContext, LineRule, ObjectRule, Removed, Rule, ZoneRule
 from .config import CameraConfig, Config, resolve_path
+from .cpu import CpuMeter
 from .engine.adapters import Detector
 from .models import ModelSet, Prepared
 from .sources.base import Source
@@ -111,7 +112,7 @@ class CameraWorker:
                  on_tracks: Optional[Callable[[Frame, Detections], None]] = None, queue_size: int = 8,
                  on_events: Optional[EventsHook] = None,
                  on_detections: Optional[Callable[[Frame, Detections], None]] = None,
-                 failure_limit: int = 50) -> None:
+                 failure_limit: int = 50, on_frame: Optional[EventsHook] = None) -> None:
         self.name = name
         self.node = node
         self.source = source
@@ -129,6 +130,7 @@ class CameraWorker:
         self.sinks = list(sinks)
         self.on_tracks = on_tracks
         self.on_detections = on_detections
+        self.on_frame = on_frame  # after every processed frame, its events emitted (retained state, snapshots)
         self.frame_size = (0, 0)  # of the last frame processed
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.processed = 0
@@ -138,6 +140,9 @@ class CameraWorker:
         self.measure_speed = False  # set when a gate reads track_speed: measured only then
         self._semantic: Optional[SemanticMasks] = None  # of the last inferred frame (a skipped frame keeps them)
         self.events = 0
+        self.events_by_type: dict[str, int] = {}  # the same, by event type (metrics)
+        # the newest processed frame, its tracks and masks: a reference, for the HTTP preview to draw on demand
+        self.latest: Optional[tuple[Frame, Detections, Optional[SemanticMasks]]] = None
         self.latency = LatencyWindow()
         self.post_ms = LatencyWindow()
         # the latency budget (stats `latency_budget_ms`): waiting in the slot until inference started, the
@@ -276,7 +281,12 @@ class CameraWorker:
         if self.on_tracks is not None:
             self.on_tracks(frame, tracks)
         self._emit(frame, tracks, semantic, events)
+        if self.on_frame is not None:
+            self.on_frame(frame, tracks, semantic, events)
+        for ev in events:
+            self.events_by_type[ev.type] = self.events_by_type.get(ev.type, 0) + 1
         self.events += len(events)
+        self.latest = (frame, tracks, semantic)
         self.processed += 1
         self.rules_ms.add((t2 - t1) * 1000)
         return events
@@ -480,14 +490,18 @@ class Pipeline:
                  on_state: Optional[Callable[[str, str, str], None]] = None,
                  on_events: Optional[Callable[[str, Frame, Detections, Optional[SemanticMasks], list[Event]], None]] = None,
                  on_detections: Optional[Callable[[str, Frame, Detections], None]] = None,
+                 on_frame: Optional[Callable[[str, Frame, Detections, Optional[SemanticMasks], list[Event]], None]] = None,
+                 detect_switch: bool = False,
                  ) -> None:
-        """``detector``: a :class:`ModelSet` (detector + segmenters) or a bare detector."""
+        """``detector``: a :class:`ModelSet` (detector + segmenters) or a bare detector. ``detect_switch``: every
+        camera gets a frame gate, so that :meth:`set_detect` can switch its detector at run time."""
         self.cfg = cfg
         self.models = detector if isinstance(detector, ModelSet) else ModelSet(detector)
         self.detector = self.models.detector
         self.notify = threading.Event()
         self.sources: dict[str, Source] = {}
         self.workers: dict[str, CameraWorker] = {}
+        self.gates: dict[str, FrameGate] = {}
         for name, cam in cfg.cameras.items():
             location = str(resolve_path(cfg, str(cam.source)) or cam.source) if cam.kind == "file" else str(cam.source)
             src = make_source(name, cam, location, on_state)
@@ -496,21 +510,24 @@ class Pipeline:
             cb = (lambda f, t, _n=name: on_tracks(_n, f, t)) if on_tracks else None
             ev = (lambda f, t, s, e, _n=name: on_events(_n, f, t, s, e)) if on_events else None
             dh = (lambda f, d, _n=name: on_detections(_n, f, d)) if on_detections else None
+            fh = (lambda f, t, s, e, _n=name: on_frame(_n, f, t, s, e)) if on_frame else None
             self.sources[name] = src
             self.workers[name] = CameraWorker(name, cfg.node_id, src, self.models, self._tracker_factory,
                                               build_rules(cam, self.detector), sinks, cb, on_events=ev,
-                                              on_detections=dh, failure_limit=cfg.failure_limit)
-            self._install_gate(src, self.workers[name], cam)
+                                              on_detections=dh, failure_limit=cfg.failure_limit, on_frame=fh)
+            self._install_gate(src, self.workers[name], cam, detect_switch)
         self.inference = InferenceWorker(self.models, self.workers, self.notify, max_frames, cfg.failure_limit)
         self.started_at = 0.0
+        self.cpu = CpuMeter()  # made after the models are loaded: their runtime's threads are known apart
 
-    def _install_gate(self, src: Source, worker: CameraWorker, cam: CameraConfig) -> None:
+    def _install_gate(self, src: Source, worker: CameraWorker, cam: CameraConfig, switch: bool = False) -> None:
         """The camera's `detect` section in front of its preprocessing (capture thread): a frame the detector skips
-        reaches the worker unprepared, and never replaces a frame waiting for inference in the source's slot."""
-        if not cam.detect.gated:
+        reaches the worker unprepared, and never replaces a frame waiting for inference in the source's slot.
+        ``switch``: installed even when every frame is inferred, so that :meth:`set_detect` can switch it."""
+        if not (cam.detect.gated or switch):
             return  # every frame inferred, as without the section
-        gate = FrameGate(cam.detect, track_speed=lambda: worker.track_speed)
-        worker.measure_speed = True
+        gate = self.gates[worker.name] = FrameGate(cam.detect, track_speed=lambda: worker.track_speed)
+        worker.measure_speed = cam.detect.gated
         models = self.models
 
         def prepare(frame: Frame) -> Prepared:
@@ -520,6 +537,17 @@ class Pipeline:
         src.prepare = prepare
         src.on_open = gate.reset  # a stream's first frame is inferred
         src.slot.keep = lambda unread, new: unread.infer and not new.infer
+
+    def detect_enabled(self, camera: str) -> bool:
+        """Whether the detector runs on ``camera`` (its gate's run-time switch, else ``detect.enabled``)."""
+        gate = self.gates.get(camera)
+        return gate.enabled if gate is not None else self.cfg.cameras[camera].detect.enabled
+
+    def set_detect(self, camera: str, on: bool) -> None:
+        """Switch ``camera``'s detector on or off from any thread (its source keeps streaming; while off, its frames
+        are counted as ``frames_skipped_disabled`` and the tracker coasts). Needs ``detect_switch`` or a gated
+        ``detect`` section (KeyError otherwise)."""
+        self.gates[camera].enabled = on
 
     def _tracker_factory(self, fps: float) -> ByteTracker:
         return ByteTracker(tracker_config(self.cfg, fps, self.detector.family))
@@ -536,8 +564,13 @@ class Pipeline:
         """Start, process until every source is consumed (finite sources or max_frames), stop."""
         try:
             self.start()
+            next_sample = 0.0
             while not (self.done or self.failed):
                 time.sleep(poll_s)
+                if time.monotonic() >= next_sample:  # CPU by stage: a thread counts up to its last sample
+                    self.cpu.sample()
+                    next_sample = time.monotonic() + 0.5
+            self.cpu.sample()
         finally:
             self.stop()
 
@@ -579,10 +612,10 @@ class Pipeline:
         """Why the pipeline is not making progress, one reason per stuck or dead thread (empty: healthy).
 
         Stuck: the inference thread busy on one batch, or a camera worker on one frame, for the config's
-        `stuck_after_s`; a capture thread blocked in one read for that long past the camera's read timeout (the
-        backend ignores its timeout, and the thread cannot be interrupted). Dead: a thread that ended while the
-        pipeline runs (a finished file source, a camera given up or a stop are not problems). Read by systemd's
-        watchdog (no ping while there is a reason) and the HTTP `/healthz`."""
+        `stuck_after_s`; a capture thread blocked in one read (or in opening the source) for that long past the
+        camera's read (open) timeout (the backend ignores its timeout, and the thread cannot be interrupted).
+        Dead: a thread that ended while the pipeline runs (a finished file source, a camera given up or a stop
+        are not problems). Read by systemd's watchdog (no ping while there is a reason) and the HTTP `/healthz`."""
         now = time.monotonic() if now is None else now
         limit = self.cfg.stuck_after_s
         problems = []
@@ -594,14 +627,24 @@ class Pipeline:
         busy = self.inference.busy_since
         if busy and now - busy > limit:
             problems.append(f"inference stuck: one batch running for {now - busy:.0f}s")
-        for name, w in self.workers.items():
-            if w.busy_since and now - w.busy_since > limit:
-                problems.append(f"camera {name}: worker stuck on one frame for {now - w.busy_since:.0f}s")
-            elif self.started_at and not w.alive and self.inference.alive:
-                problems.append(f"camera {name}: worker thread ended")
-            blocked = self.sources[name].read_blocked_s(now)
-            if blocked > limit + self.sources[name].cfg.read_timeout_s:
-                problems.append(f"camera {name}: capture blocked in one read for {blocked:.0f}s")
+        for name in self.workers:
+            problems += self._camera_health(name, now, limit)
+        return problems
+
+    def _camera_health(self, name: str, now: float, limit: float) -> list[str]:
+        """Camera ``name``'s part of :meth:`health`."""
+        w, src = self.workers[name], self.sources[name]
+        problems = []
+        if w.busy_since and now - w.busy_since > limit:
+            problems.append(f"camera {name}: worker stuck on one frame for {now - w.busy_since:.0f}s")
+        elif self.started_at and not w.alive and self.inference.alive:
+            problems.append(f"camera {name}: worker thread ended")
+        blocked = src.read_blocked_s(now)
+        if blocked > limit + src.cfg.read_timeout_s:
+            problems.append(f"camera {name}: capture blocked in one read for {blocked:.0f}s")
+        opening = src.open_blocked_s(now)
+        if opening > limit + src.cfg.open_timeout_s:
+            problems.append(f"camera {name}: capture blocked opening the source for {opening:.0f}s")
         return problems
 
     def check_stalls(self) -> None:
@@ -621,6 +664,11 @@ class Pipeline:
     def latency_budget(self, name: str) -> dict[str, dict[str, float]]:
         """p50 and p99 (ms) of each stage of :meth:`latency_windows`."""
         return {stage: window.budget() for stage, window in self.latency_windows(name).items()}
+
+    def cpu_per_frame(self) -> dict[str, float]:
+        """CPU milliseconds per processed frame (all cameras) by stage, since the start (:mod:`edgecv.cpu`)."""
+        self.cpu.sample()
+        return self.cpu.per_frame_ms(sum(w.processed for w in self.workers.values()))
 
     def stats(self) -> dict[str, Any]:
         elapsed = max(1e-6, time.monotonic() - self.started_at)
@@ -651,5 +699,6 @@ class Pipeline:
                 "inference_ms": self.inference.infer_ms.percentiles(),
                 "inference_ms_by_model": {n: m.percentiles() for n, m in self.inference.model_ms.items()},
                 "inference_batches": {str(n): c for n, c in sorted(dict(self.inference.batches).items())},
+                "cpu_ms_per_frame": self.cpu_per_frame(),
                 "uptime_s": round(elapsed, 1), "threads": threading.active_count(),
                 "pid": os.getpid()}

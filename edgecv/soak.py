@@ -27,6 +27,7 @@ from typing import Any, Optional, TextIO
 from . import EdgecvError
 from .config import Config, load
 from .daemon import Daemon, Signals, setup_logging
+from .progress import Progress
 
 log = logging.getLogger("edgecv.soak")
 
@@ -148,7 +149,8 @@ class _Probe:
 
 class _Sampler:
     """The sampler thread's work: every ``interval_s`` a sample, printed as a row (and written to the CSV); the
-    daemon is stopped once ``duration_s`` is reached, or when sampling fails."""
+    daemon is stopped once ``duration_s`` is reached, or when sampling fails. ``progress`` (set by the caller):
+    moved to the seconds run every second."""
 
     def __init__(self, daemon: Any, probe: _Probe, t0: float, duration_s: float, interval_s: float,
                  stream: TextIO, csv_file: Optional[TextIO]) -> None:
@@ -160,6 +162,7 @@ class _Sampler:
         self.stream = stream
         self.csv_file = csv_file
         self.samples: list[SoakSample] = []
+        self.progress: Optional[Progress] = None
         self.writer = csv.DictWriter(csv_file, [f.name for f in fields(SoakSample)]) if csv_file else None
         if self.writer:
             self.writer.writeheader()
@@ -170,7 +173,10 @@ class _Sampler:
         s = SoakSample(t_s=round(time.monotonic() - self.t0, 1), rss_mb=p.rss_mb, threads=p.threads, fds=p.fds,
                        **self.probe.figures())
         self.samples.append(s)
-        print(format_row(asdict(s)), file=self.stream, flush=True)
+        if self.progress is not None:  # the row above the bar on a terminal
+            self.progress.write(format_row(asdict(s)), file=self.stream)
+        else:
+            print(format_row(asdict(s)), file=self.stream, flush=True)
         if self.writer:
             self.writer.writerow(asdict(s))
             self.csv_file.flush()
@@ -179,7 +185,11 @@ class _Sampler:
         t0, interval_s, duration_s = self.t0, self.interval_s, self.duration_s
         try:
             next_t = t0 + interval_s
-            while not self.done.wait(max(0.0, next_t - time.monotonic())):
+            while not self.done.wait(max(0.0, min(1.0, next_t - time.monotonic()))):
+                if self.progress is not None:
+                    self.progress.update(max(0.0, min(round(time.monotonic() - t0), duration_s) - self.progress.n))
+                if time.monotonic() < next_t - 1e-3:
+                    continue
                 self.take()
                 if time.monotonic() - t0 >= duration_s - 1e-3:
                     self.daemon.stop_event.set()
@@ -231,15 +241,16 @@ def soak(config: str, duration_s: float, interval_s: float = 10.0, warmup_s: Opt
           f"{warmup:.0f} s, bounds RSS +{bounds.rss_mb:g} MB, threads +{bounds.threads}, fds +{bounds.fds}"
           + (f", CSV {out}" if out else ""), file=stream, flush=True)
     print(format_row({k: k for k, _ in COLUMNS}), file=stream, flush=True)
-    thread = threading.Thread(target=sampler.run, name="soak-sampler", daemon=True)
-    thread.start()
-    try:
-        code = daemon.run()
-    finally:
-        sampler.done.set()
-        thread.join(5)
-        if csv_file:
-            csv_file.close()
+    with Progress("soak", total=duration_s, unit="s") as sampler.progress:
+        thread = threading.Thread(target=sampler.run, name="soak-sampler", daemon=True)
+        thread.start()
+        try:
+            code = daemon.run()
+        finally:
+            sampler.done.set()
+            thread.join(5)
+            if csv_file:
+                csv_file.close()
     elapsed = time.monotonic() - t0
     v = verdict(sampler.samples, warmup, bounds, _stopped_early(elapsed, duration_s, code))
     print(v.text, file=stream, flush=True)

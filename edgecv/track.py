@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+import cv2
 import numpy as np
 import yaml
 
@@ -19,6 +20,7 @@ from .config import Config, ConfigError, parse
 from .engine.adapters import Detector
 from .models import ModelSet, load_models
 from .pipeline import EventSink, Pipeline
+from .progress import Progress
 from .types import Detections, Frame
 
 # config field paths as the command line names them
@@ -32,6 +34,7 @@ class TrackResult:
     seconds: float
     rows: int
     tracks: int
+    cpu_ms: Optional[dict[str, float]] = None  # CPU milliseconds per frame by stage (edgecv.cpu)
 
     @property
     def fps(self) -> float:
@@ -176,13 +179,34 @@ def load_offline_models(cfg: Config, cli: bool = False) -> ModelSet:
         raise UsageError("; ".join(_cli_names(p) if cli else p for p in e.problems)) from None
 
 
+def video_frames(video: str | Path, max_frames: Optional[int] = None) -> Optional[int]:
+    """The frames an offline run of ``video`` will have: its container's frame count (None: unknown), at most
+    ``max_frames``."""
+    cap = cv2.VideoCapture(str(video))
+    try:
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT) if cap.isOpened() else 0
+    finally:
+        cap.release()
+    frames = int(count) if count and 0 < count < 1e9 else None
+    if max_frames:
+        return min(frames, max_frames) if frames else max_frames
+    return frames
+
+
 def run_offline(cfg: Config, models: ModelSet | Detector, camera: str, sinks: Sequence[EventSink] = (),
                 on_tracks: Optional[Callable[[Frame, Detections], None]] = None,
                 on_detections: Optional[Callable[[Frame, Detections], None]] = None,
-                max_frames: Optional[int] = None) -> OfflineRun:
-    """Run the pipeline on ``camera`` of ``cfg`` (a file read with ``realtime: false``) to its end."""
+                max_frames: Optional[int] = None, progress: Optional[Progress] = None) -> OfflineRun:
+    """Run the pipeline on ``camera`` of ``cfg`` (a file read with ``realtime: false``) to its end; each frame
+    counted in ``progress`` when given."""
+    def tracked(_camera: str, frame: Frame, tracks: Detections) -> None:
+        if on_tracks is not None:
+            on_tracks(frame, tracks)
+        if progress is not None:
+            progress.update()
+
     pipeline = Pipeline(cfg, models, sinks=list(sinks), max_frames=max_frames,
-                        on_tracks=(lambda _c, f, t: on_tracks(f, t)) if on_tracks else None,
+                        on_tracks=tracked if on_tracks or progress else None,
                         on_detections=(lambda _c, f, d: on_detections(f, d)) if on_detections else None)
     t0 = time.perf_counter()
     pipeline.run()
@@ -204,7 +228,8 @@ def track_video(video: str, model: str, mot: str, family: str = "auto", classes:
     models = load_offline_models(cfg, cli=True)
     writer = MotWriter(Path(mot))
     try:
-        run = run_offline(cfg, models, "video", on_tracks=writer.write, max_frames=max_frames)
+        with Progress("track", total=video_frames(video, max_frames)) as progress:
+            run = run_offline(cfg, models, "video", on_tracks=writer.write, max_frames=max_frames, progress=progress)
     finally:
         writer.close()
-    return TrackResult(run.frames, run.seconds, writer.rows, len(writer.ids))
+    return TrackResult(run.frames, run.seconds, writer.rows, len(writer.ids), run.pipeline.cpu.per_frame_ms(run.frames))

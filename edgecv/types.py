@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
@@ -276,14 +277,40 @@ class Event:
         return payload
 
 
+class BucketCounts:
+    """A cumulative histogram (Prometheus' buckets): how many values were at most each bound, and their sum, since
+    the start. Written by one thread (a list item and a float: no lock), read by any (a scrape)."""
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket, not cumulative; the last: above every bound
+        self.sum = 0.0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> tuple[list[tuple[float, int]], float]:
+        """[(bound, values <= bound), ..., (inf, all values)] and the sum of the values."""
+        total, out = 0, []
+        for bound, n in zip((*self.bounds, float("inf")), list(self.counts)):
+            total += n
+            out.append((bound, total))
+        return out, self.sum
+
+
 class LatencyWindow:
-    """Recent latencies (ms) for percentiles (bounded); written by one thread, read by any (the stats)."""
+    """Recent latencies (ms) for percentiles (bounded); written by one thread, read by any (the stats).
+    ``buckets``, when set (the HTTP server's /metrics), also counts every value since the start."""
 
     def __init__(self, size: int = 512) -> None:
         self._values: deque[float] = deque(maxlen=size)
+        self.buckets: Optional[BucketCounts] = None
 
     def add(self, value: float) -> None:
         self._values.append(value)
+        if self.buckets is not None:
+            self.buckets.add(value)
 
     def __len__(self) -> int:
         return len(self._values)

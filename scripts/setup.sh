@@ -19,6 +19,8 @@ apt_install() {
                gstreamer1.0-libav; do
       dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
     done
+    # tests/test_http.py: the live preview page opened in a real headless browser
+    command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
   fi
   [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""

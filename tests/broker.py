@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -68,11 +69,28 @@ class Mosquitto:
         wait_port(self.port)
         return self
 
-    def stop(self) -> None:
+    def stop(self, clean: bool = False) -> None:
+        """Kill the broker (a crash), or with ``clean`` stop it as a service manager does (SIGTERM: a persistent
+        broker writes its sessions and queued messages to disk first)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+            if clean:
+                self.proc.terminate()
+            else:
+                self.proc.kill()
+            self.proc.wait(10)
         self.proc = None
+
+
+def mosquitto_with(workdir: Path, conf_text: str, port: Optional[int] = None) -> Mosquitto:
+    """A broker whose config is ``conf_text`` after its listener (on a free port) and `allow_anonymous true`; its
+    persistence database, when persistence is on, goes into ``workdir``. Not started."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    broker = Mosquitto(workdir, port=port)
+    # started as root, mosquitto runs as user mosquitto, which may not write into a test's folder
+    user = "user root\n" if os.geteuid() == 0 else ""
+    broker.conf.write_text(f"listener {broker.port} 127.0.0.1\nallow_anonymous true\n{user}"
+                           f"persistence_location {workdir}/\n{conf_text}")
+    return broker
 
 
 @dataclass

@@ -49,3 +49,11 @@ def edgecv_env(assets: Path, tmp_path: Path, **extra: str) -> dict:
     env.update({"EDGECV_ASSETS": str(assets), "EDGECV_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
+
+
+def progress_lines(stderr: str, prefix: str) -> list[str]:
+    """The progress messages starting with ``prefix`` in a command's stderr: logged lines (`... edgecv.progress:
+    MESSAGE`, the command's log format) or bare ones (no logging set up)."""
+    messages = [line.split("edgecv.progress: ", 1)[1] if "edgecv.progress: " in line else line
+                for line in stderr.splitlines()]
+    return [m for m in messages if m.startswith(prefix)]

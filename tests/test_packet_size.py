@@ -17,7 +17,8 @@ import yaml
 from broker import Mosquitto, Subscriber
 from conftest import REPO, edgecv_env
 
-from edgecv.publish.mqtt import packet_size
+from edgecv.publish.mqtt import event_properties, packet_size
+from edgecv.types import EVENT_SCHEMA
 
 pytestmark = pytest.mark.integration
 
@@ -83,8 +84,9 @@ def test_limit_between_events_and_stats_delivers_every_event(assets: Path, tmp_p
 def test_an_event_over_the_limit_is_set_aside_and_the_others_flow(assets: Path, tmp_path: Path,
                                                                   protocol: str) -> None:
     """Two cameras on the clip: camera "a"'s events fit the limit, camera "ccc…c"'s do not."""
-    small = packet_size("edgecv/demo/a/events", 380, 1, protocol == "5")
-    large = packet_size(f"edgecv/demo/{LONG}/events", 320 + 63, 1, protocol == "5")
+    props = event_properties("0" * 24, f'{{"schema":"{EVENT_SCHEMA}"}}'.encode())  # MQTT 5: every event has them
+    small = packet_size("edgecv/demo/a/events", 380, 1, protocol == "5", props)
+    large = packet_size(f"edgecv/demo/{LONG}/events", 320 + 63, 1, protocol == "5", props)
     limit = (small + large) // 2
     assert small < limit < large
     broker = Mosquitto(tmp_path, f"max_packet_size {limit}\n").start()

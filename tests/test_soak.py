@@ -1,5 +1,7 @@
-"""`edgecv bench soak`: the demo (file looping, real time) against a real broker for two minutes, sampled every
-few seconds; no growth of memory, threads or file descriptors beyond the documented bounds after warm-up."""
+"""`edgecv bench soak`: the demo (its file looping, paced at 20 fps so that the 795-frame clip starts again
+within the run) against a real broker for a minute, sampled every few seconds; no growth of memory, threads or
+file descriptors beyond the documented bounds after warm-up. The 10-minute soak at 12 cameras is a benchmark
+(README, Capacity), not a test."""
 from __future__ import annotations
 
 import csv
@@ -7,12 +9,13 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from broker import Subscriber
 from conftest import REPO, edgecv_env
 
 from edgecv.soak import DEFAULT_MAX_FDS, DEFAULT_MAX_RSS_MB, DEFAULT_MAX_THREADS, Bounds, SoakSample, verdict
 
-DURATION_S, INTERVAL_S, WARMUP_S = 120, 5, 30
+DURATION_S, INTERVAL_S, WARMUP_S = 60, 4, 12
 
 
 def _s(t: float, rss: float, threads: int, fds: int, processed: int) -> SoakSample:
@@ -36,13 +39,17 @@ def test_soak_verdict_compares_first_sample_after_warmup_with_last(samples, stop
 
 @pytest.mark.integration
 @pytest.mark.timeout(DURATION_S + 240)
-def test_two_minute_soak_of_the_demo_shows_no_growth(assets, broker, tmp_path):
+def test_a_minute_soak_of_the_demo_shows_no_growth(assets, broker, tmp_path):
     out = tmp_path / "soak.csv"
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    demo["cameras"]["street"].update(realtime=False, pace_fps=20.0)  # the clip (795 frames) loops after 40 s
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump(demo))
     sub = Subscriber(broker.port, ["edgecv/demo/+/events"])
     env = edgecv_env(assets, tmp_path, MQTT_HOST="127.0.0.1", MQTT_PORT=str(broker.port))
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "edgecv.cli", "bench", "soak", str(REPO / "configs" / "demo.yaml"),
+            [sys.executable, "-m", "edgecv.cli", "bench", "soak", str(config),
              "--duration", str(DURATION_S), "--interval", str(INTERVAL_S), "--warmup", str(WARMUP_S),
              "--out", str(out)],
             env=env, capture_output=True, text=True, timeout=DURATION_S + 180)
@@ -62,7 +69,7 @@ def test_two_minute_soak_of_the_demo_shows_no_growth(assets, broker, tmp_path):
     assert last["rss_mb"] - first["rss_mb"] <= DEFAULT_MAX_RSS_MB, samples
     assert last["threads"] - first["threads"] <= DEFAULT_MAX_THREADS, samples
     assert last["fds"] - first["fds"] <= DEFAULT_MAX_FDS, samples
-    # the daemon was working all along, not idle: the clip looped (80 s long), frames kept being processed,
+    # the daemon was working all along, not idle: the clip looped (40 s long), frames kept being processed,
     # the broker took the events (the spool stays near empty)
     assert all(s["cameras"] == "street=streaming" for s in after), [s["cameras"] for s in after]
     processed = [s["frames_processed"] for s in after]

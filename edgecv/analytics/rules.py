@@ -151,6 +151,7 @@ class _ZoneState:
     entered_t: float = 0.0
     loitered: bool = False
     announced: bool = False  # zone.enter of the current visit was emitted (not held back by the cooldown)
+    entered_class: int = -1  # the class the zone.enter of the current visit named (its zone.exit names it too)
     last: tuple = field(default_factory=tuple)  # (class_id, score, xyxy) last seen
 
 
@@ -188,6 +189,15 @@ class ZoneRule(Rule):
     def occupancy(self) -> int:
         return sum(1 for s in self._state.values() if s.inside.confirmed)
 
+    def occupants(self) -> dict[int, int]:
+        """Tracks in the zone now by class id, counting only visits whose zone.enter was emitted: zone.enter minus
+        zone.exit events per class so far (with ``exit_on_lost`` false a lost track leaves without an exit)."""
+        counts: dict[int, int] = {}
+        for s in self._state.values():
+            if s.inside.confirmed and s.announced:
+                counts[s.entered_class] = counts.get(s.entered_class, 0) + 1
+        return counts
+
     @property
     def tracked(self) -> int:
         return len(self._state)
@@ -205,7 +215,7 @@ class ZoneRule(Rule):
         for r in removed:
             st = self._state.pop(r.track_id, None)
             if st is not None and st.inside.confirmed and st.announced and self.exit_on_lost:
-                events.append(ctx.event(EventType.ZONE_EXIT, ctx.obj(r.track_id, r.class_id, r.score, r.xyxy),
+                events.append(ctx.event(EventType.ZONE_EXIT, ctx.obj(r.track_id, st.entered_class, r.score, r.xyxy),
                                         self.name, zone=self.name, dwell_s=round(ctx.t - st.entered_t, 2),
                                         reason="lost"))
             self._forget(r.track_id)
@@ -221,10 +231,12 @@ class ZoneRule(Rule):
             # the cooldown holds back a repeated enter; its exit then goes unannounced too
             st.announced = self._cooled(tid, EventType.ZONE_ENTER, ctx.t)
             if st.announced:
+                st.entered_class = st.last[0]
                 events.append(ctx.event(EventType.ZONE_ENTER, ctx.obj(tid, *st.last), self.name, zone=self.name))
         elif changed is False and was and st.announced:
             st.announced = False
-            events.append(ctx.event(EventType.ZONE_EXIT, ctx.obj(tid, *st.last), self.name, zone=self.name,
+            events.append(ctx.event(EventType.ZONE_EXIT, ctx.obj(tid, st.entered_class, *st.last[1:]), self.name,
+                                    zone=self.name,
                                     dwell_s=round(ctx.t - st.entered_t, 2)))
         if st.inside.confirmed and self.loiter_s and not st.loitered and ctx.t - st.entered_t >= self.loiter_s:
             st.loitered = True

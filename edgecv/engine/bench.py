@@ -10,15 +10,18 @@ import numpy as np
 
 from edgecv.engine.adapters import Detector
 from edgecv.engine.backend import Backend
+from edgecv.progress import Progress
 
 
-def _time_ms(fn: Callable[[], object], n: int) -> np.ndarray:
-    """Milliseconds of each of ``n`` calls of ``fn``."""
+def _time_ms(fn: Callable[[], object], n: int, progress: Optional[Progress] = None) -> np.ndarray:
+    """Milliseconds of each of ``n`` calls of ``fn`` (each counted in ``progress`` when given)."""
     times = np.empty(n)
     for i in range(n):
         start = time.perf_counter()
         fn()
         times[i] = time.perf_counter() - start
+        if progress is not None:
+            progress.update()
     return times * 1000.0
 
 
@@ -28,6 +31,7 @@ def bench_model(
     image: Optional[np.ndarray] = None,
     batch: int = 1,
     warmup: int = 10,
+    progress: Optional[Progress] = None,
 ) -> dict[str, Any]:
     """Measure a detector without any video I/O.
 
@@ -35,7 +39,8 @@ def bench_model(
     ``n`` runs after ``warmup``. Pre- and post-processing: ``n`` runs each on ``image``
     (BGR uint8; default a seeded noise frame of 1280x720) and on its model output.
     Times are medians in milliseconds; ``infer_fps`` counts images, ``frame_fps`` is
-    one frame through preprocess + inference (per image) + postprocess.
+    one frame through preprocess + inference (per image) + postprocess. ``progress``: its total set to the
+    runs (warm-up and timed), each counted.
     """
     if n < 1 or warmup < 0:
         raise ValueError(f"bench_model: expected n >= 1 and warmup >= 0, got n={n}, warmup={warmup}")
@@ -46,12 +51,13 @@ def bench_model(
         image = np.random.default_rng(0).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
     tensor, box = detector.preprocess(image)
     inputs = np.repeat(tensor[None], batch, axis=0)
+    if progress is not None:
+        progress.set_total(warmup + 3 * n)
     outputs = backend.infer(inputs)
-    for _ in range(warmup):
-        backend.infer(inputs)
-    infer = _time_ms(lambda: backend.infer(inputs), n)
-    pre = _time_ms(lambda: detector.preprocess(image, out=tensor), n)
-    post = _time_ms(lambda: detector.postprocess(outputs, [box]), n)
+    _time_ms(lambda: backend.infer(inputs), warmup, progress)
+    infer = _time_ms(lambda: backend.infer(inputs), n, progress)
+    pre = _time_ms(lambda: detector.preprocess(image, out=tensor), n, progress)
+    post = _time_ms(lambda: detector.postprocess(outputs, [box]), n, progress)
     infer_ms, pre_ms, post_ms = float(np.median(infer)), float(np.median(pre)), float(np.median(post))
     frame_ms = pre_ms + infer_ms / batch + post_ms
     return {
@@ -75,13 +81,13 @@ def bench_model(
 
 
 def bench_batch(backend: Backend, inputs: np.ndarray, sizes: Sequence[int], frames: int = 40, warmup: int = 1,
-                original: Optional[Backend] = None) -> list[dict[str, Any]]:
+                original: Optional[Backend] = None, progress: Optional[Progress] = None) -> list[dict[str, Any]]:
     """Inference time by batch size: ``backend.infer`` on the first b of ``inputs`` (different preprocessed frames)
     for each size b, and ``original`` (the model before it was made dynamic) at batch 1 when given. Everything is
     interleaved (each round runs every entry on max(sizes) frames) so that a load that comes and goes on the
     machine weighs on every entry alike; about ``frames`` frames per entry, at least 3 rounds, after ``warmup``
     runs each. Per entry (``name``: "original" or "batch b"): the median time of a run, per frame (run / b),
-    frames per second and the speed-up over the first entry."""
+    frames per second and the speed-up over the first entry. ``progress``: its total set to the rounds, each counted."""
     top = max(sizes)
     if not all(1 <= b <= min(len(inputs), backend.max_batch) for b in sizes):
         raise ValueError(f"bench_batch: batch sizes {list(sizes)} must be between 1 and "
@@ -92,10 +98,15 @@ def bench_batch(backend: Backend, inputs: np.ndarray, sizes: Sequence[int], fram
     for _, runner, b in entries:
         for _ in range(warmup):
             runner.infer(inputs[:b])
-    for _ in range(max(3, -(-frames // top))):
+    rounds = max(3, -(-frames // top))
+    if progress is not None:
+        progress.set_total(rounds)
+    for _ in range(rounds):
         for name, runner, b in entries:
             x = np.ascontiguousarray(inputs[:b])
             times[name] += _time_ms(lambda r=runner, x=x: r.infer(x), max(1, top // b)).tolist()
+        if progress is not None:
+            progress.update()
     rows: list[dict[str, Any]] = []
     for name, _, b in entries:
         run_ms = float(np.median(times[name]))

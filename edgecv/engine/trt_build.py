@@ -12,8 +12,9 @@ both end in :func:`build_engine`:
    adapter factory, :func:`edgecv.engine.registry.calibration_detector`, so the builder does
    not depend on the model families); the calibration cache is written next to the engine and
    reused by the next build;
-4. progress: TensorRT >= 10 reports its build phases through ``IProgressMonitor``; older
-   versions get a heartbeat line every few seconds;
+4. progress: TensorRT >= 10 reports its build phases through ``IProgressMonitor`` (a bar per
+   phase when stderr is a terminal, a few lines otherwise); older versions get a heartbeat
+   line every few seconds;
 5. the serialized engine is written atomically, with a JSON sidecar (source ONNX, its
    metadata, TensorRT version, GPU, precision, max batch, build time).
 
@@ -53,6 +54,7 @@ from edgecv.engine.cache import (
     write_sidecar,
 )
 from edgecv.engine.trt_env import cuda_device_name, import_pycuda, import_tensorrt, make_logger
+from edgecv.progress import Progress
 
 log = logging.getLogger("edgecv.engine")
 
@@ -300,17 +302,21 @@ class BuildProgress:
     """Turns TensorRT's phase/step callbacks into a few readable lines (thread-safe).
 
     Top-level phases print when they start and finish; steps print at most every
-    ``interval`` seconds, as ``phase: step k/n``. ``step_complete`` returns True (a False
-    would ask TensorRT to cancel the build).
+    ``interval`` seconds, as ``phase: step k/n``. ``bars`` (stderr is a terminal): a bar per
+    phase instead (:class:`edgecv.progress.Progress`; nested phases indented, cleared when
+    done). ``step_complete`` returns True (a False would ask TensorRT to cancel the build).
     """
 
     def __init__(
-        self, write: Callable[[str], None], interval: float = 3.0, clock: Callable[[], float] = time.monotonic
+        self, write: Callable[[str], None], interval: float = 3.0, clock: Callable[[], float] = time.monotonic,
+        bars: bool = False,
     ) -> None:
         self.write = write
         self.interval = interval
         self.clock = clock
+        self.bars = bars
         self._phases: dict[str, tuple[Optional[str], int, float]] = {}
+        self._bars: dict[str, Progress] = {}
         self._last = -float("inf")
         self._lock = threading.Lock()
 
@@ -325,11 +331,19 @@ class BuildProgress:
     def phase_start(self, name: str, parent: Optional[str], steps: int) -> None:
         with self._lock:
             self._phases[name] = (parent or None, int(steps), self.clock())
-            if not parent:
+            if self.bars:
+                depth = self._path(name).count(" > ")
+                self._bars[name] = Progress("  " * depth + name, total=int(steps), unit="steps", tty=True,
+                                            leave=not parent)
+            elif not parent:
                 self.write(f"  {name} ...")
 
     def step_complete(self, name: str, step: int) -> bool:
         with self._lock:
+            bar = self._bars.get(name)
+            if bar is not None:
+                bar.update(max(0, step + 1 - int(bar.n)))  # steps may be reported from several threads
+                return True
             now = self.clock()
             if now - self._last >= self.interval:
                 self._last = now
@@ -339,8 +353,11 @@ class BuildProgress:
 
     def phase_finish(self, name: str) -> None:
         with self._lock:
+            bar = self._bars.pop(name, None)
+            if bar is not None:
+                bar.close()
             parent, _, started = self._phases.pop(name, (None, 0, self.clock()))
-            if parent is None:
+            if parent is None and bar is None:
                 self.write(f"  {name} done ({self.clock() - started:.1f} s)")
 
 
@@ -685,7 +702,7 @@ def _serialize(
     """Build the serialized engine, reporting progress (TensorRT >= 10) or a heartbeat; None is an error."""
     monitor = None  # held here while TensorRT builds: the config only borrows it
     if hasattr(trt, "IProgressMonitor") and hasattr(config, "progress_monitor"):
-        monitor = _make_monitor(trt, BuildProgress(write))
+        monitor = _make_monitor(trt, BuildProgress(write, bars=write is _stderr and sys.stderr.isatty()))
         config.progress_monitor = monitor
         serialized = builder.build_serialized_network(network, config)
     else:

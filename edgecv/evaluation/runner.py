@@ -25,9 +25,11 @@ from ..track import (
     load_offline_models,
     offline_config,
     run_offline,
+    video_frames,
     with_detect,
     with_tracker,
 )
+from ..progress import Progress
 from ..types import Detections, Event, Frame
 from .events import EventScore, event_key, match_events, reference_events, scored_rules
 from .metrics import COLUMNS, mean_row, score
@@ -150,14 +152,22 @@ def _score_events(cfg: Config, camera: str, models: ModelSet, gt: MotSequence, r
 
 
 def evaluate(video: str, gt_path: str, spec: RunSpec, name: Optional[str] = None,
-             on_detections: Optional[Callable[[Frame, Detections], None]] = None) -> SequenceResult:
-    """Run the pipeline on ``video`` as ``spec`` says and score it against ``gt_path``."""
+             on_detections: Optional[Callable[[Frame, Detections], None]] = None,
+             progress: bool = False) -> SequenceResult:
+    """Run the pipeline on ``video`` as ``spec`` says and score it against ``gt_path`` (``progress``: its frames
+    on stderr, see :mod:`edgecv.progress`)."""
     if not Path(video).is_file():
         raise EdgecvError(f"VIDEO: file not found: {video}")
     gt = load_gt(gt_path)
     cfg, camera, models = _setup(video, gt, spec)
     collector = _Collector()
-    run = run_offline(cfg, models, camera, sinks=[collector], on_tracks=collector.tracks, on_detections=on_detections)
+    bar = Progress(f"eval {name or _name(video)}", total=video_frames(video), leave=False) if progress else None
+    try:
+        run = run_offline(cfg, models, camera, sinks=[collector], on_tracks=collector.tracks,
+                          on_detections=on_detections, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     if not run.frames:
         raise EdgecvError(f"{video}: no frame decoded")
     tracks = MotSequence(collector.frames)
@@ -185,14 +195,23 @@ def _gt_label(cfg: Any, detector: Any, gt: MotSequence) -> str:
 
 
 def evaluate_suite(suite: str, spec: RunSpec,
-                   on_sequence: Optional[Callable[[SequenceResult], None]] = None) -> list[SequenceResult]:
+                   on_sequence: Optional[Callable[[SequenceResult], None]] = None,
+                   progress: bool = False) -> list[SequenceResult]:
+    """Every sequence of ``suite`` (``progress``: sequences and each one's frames on stderr)."""
     results = []
-    for folder in sequence_dirs(Path(suite)):
+    folders = list(sequence_dirs(Path(suite)))
+    bar = Progress("eval suite", total=len(folders), unit="sequences") if progress else None
+    for folder in folders:
         video = sorted(p for p in folder.glob("video.*") if p.is_file())[0]
-        result = evaluate(str(video), str(folder / "gt.txt"), _sequence_spec(spec, folder), name=folder.name)
+        result = evaluate(str(video), str(folder / "gt.txt"), _sequence_spec(spec, folder), name=folder.name,
+                          progress=progress)
         results.append(result)
         if on_sequence is not None:
             on_sequence(result)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
     return results
 
 

@@ -10,6 +10,10 @@
   connected (kept in memory until acknowledged, possibly out of order) and counted as `unspooled`;
   when the broker is not connected either it is counted as `lost`. Each such event is logged in one line.
 
+MQTT 5 (`mqtt.protocol`, the default): every event message carries the content type `application/json` and the
+user properties `schema` and `event_id` (also when sent again from the spool); a broker that refuses MQTT 5
+(CONNACK "unsupported protocol version") gets a 3.1.1 client instead, said in one log line.
+
 Connection trouble is logged once per change of state, in one line that says why (refused with the
 broker's reason, unreachable, TLS failure); paho retries with capped exponential backoff.
 
@@ -39,9 +43,11 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from ..config import MqttConfig
 from ..types import Event, LatencyWindow
@@ -88,11 +94,27 @@ def stamp_publish_time(payload: bytes, now: Optional[float] = None) -> bytes:
     return json.dumps(data, separators=(",", ":")).encode()
 
 
-def packet_size(topic: str, payload_bytes: int, qos: int, v5: bool) -> int:
-    """Bytes of the PUBLISH packet paho sends for this message (no properties): what a broker's maximum packet
-    size limits, not only the payload."""
-    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + (1 if v5 else 0) + payload_bytes
+def packet_size(topic: str, payload_bytes: int, qos: int, v5: bool, properties: Optional[Properties] = None) -> int:
+    """Bytes of the PUBLISH packet paho sends for this message: what a broker's maximum packet size limits, not
+    only the payload. MQTT 5 adds its properties (an empty set is one byte)."""
+    props = (len(properties.pack()) if properties is not None else 1) if v5 else 0
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + props + payload_bytes
     return 1 + _varint_len(remaining) + remaining
+
+
+_SCHEMA = re.compile(rb'"schema":"([^"\\]*)"')
+UNSUPPORTED_PROTOCOL = "Unsupported protocol version"  # paho's reason for a CONNACK refusing MQTT 5
+
+
+def event_properties(event_id: str, payload: bytes) -> Properties:
+    """MQTT 5 properties of an event message: content type `application/json` and the user properties `schema`
+    (the payload's schema string) and `event_id`, so a consumer can route and de-duplicate without parsing."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = "application/json"
+    found = _SCHEMA.search(payload)
+    schema = found.group(1).decode() if found is not None else str(json.loads(payload).get("schema", ""))
+    props.UserProperty = [("schema", schema), ("event_id", event_id)]
+    return props
 
 
 def _clean(text: object) -> str:
@@ -198,11 +220,16 @@ class MqttPublisher:
         self._renew = threading.Event()  # the sender thread makes a new paho client (drops paho's resend queue)
         self.skipped = 0  # stats, tracks and snapshot messages not sent: over the limit
         self._skipped_kinds: set[str] = set()
+        # consumers (publish.state, publish.commands): topic filters subscribed (QoS 1) on every connection, the
+        # handler of their messages and hooks run after each accepted connection, all on paho's thread (quick)
+        self.subscriptions: list[str] = []
+        self.on_message: Optional[Callable[[mqtt.MQTTMessage], None]] = None
+        self.on_connected: list[Callable[[], None]] = []
         self.client = self._make_client()
 
     def _make_client(self) -> _Client:
         cfg = self.cfg
-        protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
+        protocol = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
         client = _Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
@@ -229,8 +256,14 @@ class MqttPublisher:
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         client.on_log = self._on_log
         return client
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        handler = self.on_message
+        if client is self.client and handler is not None:
+            handler(msg)  # the handler answers errors itself; anything it lets through is logged by _on_log
 
     # ---- paho callbacks (network thread)
     def _on_attempt(self) -> None:
@@ -249,11 +282,8 @@ class MqttPublisher:
             return  # a client being replaced
         if reason.is_failure:
             self._attempt_refused = True
-            hint = ""
-            if str(reason) in ("Bad user name or password", "Not authorized"):
-                hint = " (check mqtt.username and mqtt.password)"
-            self._set_state("refused", f"broker {self.hostport} refused the connection: {reason}{hint}; "
-                                       f"retrying with backoff (at most every {RECONNECT_MAX_S} s)")
+            if not self._fell_back(reason):
+                self._refused(reason)
             return
         self._attempt_accepted = True
         self._accepted_at = time.monotonic()
@@ -269,9 +299,36 @@ class MqttPublisher:
                        f"{self.spool.depth} events waiting in the spool")
         self._ever_connected = True
         self._disconnected_at = None
+        self._consumers_connected(client)
         self._set_state("connected", message)
         self._connected.set()
         self._wake.set()
+
+    def _consumers_connected(self, client: mqtt.Client) -> None:
+        """A connection was accepted: the consumers' subscriptions again (a clean session has none) and hooks."""
+        if self.subscriptions:
+            client.subscribe([(t, 1) for t in self.subscriptions])
+        for hook in self.on_connected:
+            hook()
+
+    def _refused(self, reason: Any) -> None:
+        hint = ""
+        if str(reason) in ("Bad user name or password", "Not authorized"):
+            hint = " (check mqtt.username and mqtt.password)"
+        self._set_state("refused", f"broker {self.hostport} refused the connection: {reason}{hint}; "
+                                   f"retrying with backoff (at most every {RECONNECT_MAX_S} s)")
+
+    def _fell_back(self, reason: Any) -> bool:
+        """A broker that refuses MQTT 5 (an MQTT 3.1.1 broker): the next client speaks 3.1.1, logged once. The sender
+        thread makes it (paho's thread cannot stop its own loop)."""
+        if not self._v5 or str(reason) != UNSUPPORTED_PROTOCOL:
+            return False
+        self._v5 = False
+        log.warning("mqtt: broker %s refused MQTT 5 (%s): falling back to MQTT 3.1.1 (events carry no MQTT 5 "
+                    "properties; set mqtt.protocol: \"3.1.1\" to say so)", self.hostport, reason)
+        self._renew.set()
+        self._wake.set()
+        return True
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if client is not self.client or self._attempt_ended:
@@ -375,14 +432,19 @@ class MqttPublisher:
             old.loop_stop()
         self._inflight = []
         self._sent_upto = 0
+        # the new client numbers its messages from 1 again: a completion seen on the old one (an event's, or a
+        # retained state message's) must not be taken for the new client's message of the same number
+        self._completed_mids.clear()
+        self._recent_mids.clear()
         with self._sends_lock:
             self._unacked.clear()
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
 
-    def _over_limit(self, topic: str, payload_bytes: int, qos: int) -> Optional[int]:
+    def _over_limit(self, topic: str, payload_bytes: int, qos: int,
+                    properties: Optional[Properties] = None) -> Optional[int]:
         """The packet's size when it is over the broker's known limit, else None."""
-        size = packet_size(topic, payload_bytes, qos, self._v5)
+        size = packet_size(topic, payload_bytes, qos, self._v5, properties)
         return size if self.max_packet is not None and size > self.max_packet else None
 
     def _set_state(self, state: str, message: str) -> None:
@@ -416,14 +478,15 @@ class MqttPublisher:
             seq = self.spool.put(event.camera, event.id, topic, payload)
         except SpoolError as e:
             direct = stamp_publish_time(payload)
-            over = self._over_limit(topic, len(direct), self.cfg.qos)
+            props = event_properties(event.id, payload) if self._v5 else None
+            over = self._over_limit(topic, len(direct), self.cfg.qos, props)
             if over is not None:
                 with self._direct_lock:
                     self.lost += 1
                 log.error("%s; event %s %s lost: %d bytes, over the broker's maximum packet size of %d bytes",
                           e, event.type, event.id, over, self.max_packet)
             elif self.connected:
-                info = self.client.publish(topic, direct, qos=self.cfg.qos)
+                info = self.client.publish(topic, direct, qos=self.cfg.qos, properties=props)
                 with self._direct_lock:
                     self._direct.append(info)
                     self.unspooled += 1
@@ -493,6 +556,14 @@ class MqttPublisher:
             with self._sends_lock:
                 self._raw_sends.append((time.monotonic(), size))
         self.client.publish(topic, data, qos=qos, retain=retain)
+
+    def publish_retained(self, topic: str, payload: bytes | str) -> bool:
+        """Retained state (QoS 1): handed to paho when connected (True), else dropped (False; publish it again after
+        the next connection, see ``on_connected``). An empty payload deletes the topic's retained message."""
+        if not self.connected:
+            return False
+        self.publish_raw(topic, payload, qos=1, retain=True)
+        return True
 
     def pending(self) -> int:
         """Events not yet acknowledged by the broker."""
@@ -582,7 +653,8 @@ class MqttPublisher:
     def _send(self, item: SpoolItem) -> None:
         payload = stamp_publish_time(item.payload)
         self._sent_upto = item.seq
-        over = self._over_limit(item.topic, len(payload), self.cfg.qos)
+        props = event_properties(item.event_id, item.payload) if self._v5 else None  # replays carry them too
+        over = self._over_limit(item.topic, len(payload), self.cfg.qos, props)
         if over is not None:
             reason = (f"{over} bytes, over the broker's maximum packet size of {self.max_packet} bytes "
                       f"({self._limit_source})")
@@ -590,12 +662,12 @@ class MqttPublisher:
                 log.error("mqtt: event %s is %s: set aside in the spool's dead-letter table (%d there in all)",
                           item.event_id, reason, self.spool.dead_letters)
             return
-        size = packet_size(item.topic, len(payload), self.cfg.qos, self._v5)
+        size = packet_size(item.topic, len(payload), self.cfg.qos, self._v5, props)
         if self.cfg.qos:
             with self._sends_lock:
                 self._unacked[item.seq] = (size, time.monotonic())
         self._timed(item.seq, "send_wait", time.monotonic())
-        info = self.client.publish(item.topic, payload, qos=self.cfg.qos)
+        info = self.client.publish(item.topic, payload, qos=self.cfg.qos, properties=props)
         self._inflight.append((info, item.seq))
         self.published += 1
 

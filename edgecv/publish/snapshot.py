@@ -117,6 +117,24 @@ def _draw_events(out: np.ndarray, events: Sequence[Event], scale: float) -> None
         _label(out, text, 4, y, TEXT_COLOR, scale)
 
 
+def draw_counts(image: np.ndarray, camera: CameraConfig, occupancy: Mapping[str, int],
+                crossings: Mapping[str, Mapping[str, int]]) -> None:
+    """In place: each zone's occupancy below its name, each line's crossings by direction at its middle (the live
+    preview; zones and lines themselves are drawn by :func:`render`)."""
+    scale = max(0.35, min(1.0, image.shape[1] / 1600))
+    for zname, z in camera.zones.items():
+        if zname in occupancy:
+            pts = np.asarray(z.polygon, np.float32)
+            _label(image, f"{zname}: {occupancy[zname]} inside", float(pts[:, 0].min()), float(pts[:, 1].max()),
+                   ZONE_COLOR, scale)
+    for lname, ln in camera.lines.items():
+        counts = crossings.get(lname)
+        if counts is not None:
+            (x1, y1), (x2, y2) = ln.points
+            _label(image, f"{lname}: in {counts.get('in', 0)} out {counts.get('out', 0)}", (x1 + x2) / 2,
+                   (y1 + y2) / 2, LINE_COLOR, scale)
+
+
 def render(image: np.ndarray, tracks: Detections, names: Sequence[str], semantic: Optional[SemanticMasks] = None,
            camera: Optional[CameraConfig] = None, events: Sequence[Event] = (), draw_masks: bool = True) -> np.ndarray:
     """A copy of the BGR ``image`` with masks, geometry, tracks and the frame's events drawn on it."""

@@ -353,11 +353,14 @@ class Spool:
 
 
 def default_spool_path(node_id: str, configured: Optional[str]) -> Path:
-    """`mqtt.spool.path` if set, else $EDGECV_STATE_DIR, else $XDG_STATE_HOME/edgecv (~/.local/state/edgecv)."""
+    """`mqtt.spool.path` if set, else $EDGECV_STATE_DIR, else $STATE_DIRECTORY (systemd's StateDirectory=, its first
+    folder), else $XDG_STATE_HOME/edgecv (~/.local/state/edgecv)."""
     if configured:
         base = Path(os.path.expanduser(configured))
     elif os.environ.get("EDGECV_STATE_DIR"):
         base = Path(os.environ["EDGECV_STATE_DIR"])
+    elif os.environ.get("STATE_DIRECTORY"):
+        base = Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     else:
         base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "edgecv"
     return base / f"{node_id}.spool.sqlite"

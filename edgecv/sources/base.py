@@ -141,6 +141,7 @@ class Source:
         self._cap: Optional[cv2.VideoCapture] = None
         self._last_frame_mono = 0.0
         self._read_since = 0.0  # monotonic time the current blocking read began (0: not in a read)
+        self._open_since = 0.0  # monotonic time the current open began (0: not opening)
         self.read_ms = LatencyWindow()  # each frame's read + decode (live streams: waiting for the camera too)
         self._stuck_warned = False
         self._next_index = 1
@@ -213,6 +214,11 @@ class Source:
         since = self._read_since
         return ((time.monotonic() if now is None else now) - since) if since else 0.0
 
+    def open_blocked_s(self, now: Optional[float] = None) -> float:
+        """How long the capture thread has been opening the source (0: not opening)."""
+        since = self._open_since
+        return ((time.monotonic() if now is None else now) - since) if since else 0.0
+
     # ---- the capture loop
     def _open(self) -> cv2.VideoCapture:
         raise NotImplementedError
@@ -251,6 +257,7 @@ class Source:
         attempts = 0
         while not self._stop.is_set():
             self._set_state("connecting", self.reason if self.state in ("stalled", "connecting") else "")
+            self._open_since = time.monotonic()
             try:
                 self._cap = self._open()
             except OpenError as e:
@@ -260,6 +267,8 @@ class Source:
                     return ended
                 delay = min(delay * 2, self.cfg.reconnect.max_s)
                 continue
+            finally:
+                self._open_since = 0.0
             attempts = 0
             read_before = self.stats.read
             outcome = self._stream_opened()

@@ -9,7 +9,9 @@ preprocessing, so a frame the detector skips costs a counter step, or a motion t
   (``sensitivity`` 1: 4 grey levels, 0: 64) outside the ``mask`` polygons are changed, and a changed area of at
   least ``min_area`` source pixels² is motion. The test runs on every frame, skipped or not, so the background
   stays current and motion between two inferences is not missed.
-- ``enabled: false``: no frame is inferred.
+- ``enabled: false``: no frame is inferred. ``FrameGate.enabled`` switches this at run time (the MQTT command
+  ``<camera>/detect/set``): a bool written by one thread and read by the capture thread, atomic under the GIL; the
+  first frame after switching on is inferred.
 
 The first frame, and the first after the source (re)opens (``reset``), is always inferred.
 """
@@ -96,6 +98,18 @@ class FrameGate:
         self._since = 0  # frames since the last inferred one
         self._moved = False  # motion seen since the last inferred frame
         self._fresh = True  # the next frame is a stream's first
+        self._enabled = cfg.enabled  # the run-time switch (starts as configured)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the detector runs on this camera (``detect.enabled``, switched at run time)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        if on and not self._enabled:
+            self._fresh = True  # the first frame after switching on is inferred
+        self._enabled = bool(on)
 
     def reset(self) -> None:
         """The source (re)opened: its next frame is inferred, the motion background starts afresh."""
@@ -105,7 +119,7 @@ class FrameGate:
 
     def decide(self, image: np.ndarray) -> Optional[str]:
         """None when the detector runs on this frame, else why not (``SKIP_REASONS``)."""
-        if not self.cfg.enabled:
+        if not self._enabled:
             return SKIP_DISABLED
         if self.motion is not None:
             self._moved = self.motion.moved(image) or self._moved

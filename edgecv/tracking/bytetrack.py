@@ -83,6 +83,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from edgecv.tracking.kalman import BoxKalmanFilter, xyah_to_xyxy, xyxy_to_xyah
+from edgecv.progress import Progress
 from edgecv.tracking.motion import METHODS, CameraMotion
 from edgecv.types import Detections
 
@@ -556,14 +557,14 @@ def coast_boxes(mean: np.ndarray, tracks: list[_Track]) -> np.ndarray:
 
 
 def bench_tracker(n_objects: int = 20, n_frames: int = 500, images: Optional[list[np.ndarray]] = None,
-                  motion_compensation: str = "off") -> float:
+                  motion_compensation: str = "off", progress: Optional[Progress] = None) -> float:
     """Median milliseconds per ``ByteTracker.update`` on synthetic moving boxes.
 
     Boxes move at constant velocity with pixel noise, scores spread over the high
     and low ranges, and 5% of detections are missed at random. Seeded, so runs
     compare. With ``images`` (frames, cycled) each call is given a frame, so
     ``motion_compensation`` estimates the camera's motion on it: the time then
-    includes the estimate.
+    includes the estimate. Each frame is counted in ``progress`` when given.
     """
     rng = np.random.default_rng(0)
     start = rng.uniform((0.0, 0.0), (1920.0, 1080.0), (n_objects, 2))
@@ -584,4 +585,6 @@ def bench_tracker(n_objects: int = 20, n_frames: int = 500, images: Optional[lis
         t0 = perf_counter()
         tracker.update(detections, image=image)
         times.append(perf_counter() - t0)
+        if progress is not None:
+            progress.update()
     return float(np.median(times)) * 1000.0
