@@ -23,7 +23,7 @@ import numpy as np
 
 from . import EdgecvError, UsageError, assets
 from .config import CameraConfig, Config, ConfigError, load, parse, resolve_path
-from .engine.backend import DYNAMIC_MAX_BATCH
+from .engine.backend import DYNAMIC_MAX_BATCH, default_threads
 from .engine.bench import bench_batch, bench_model
 from .engine.onnx_batch import rewrite_file, sample_frames
 from .engine.registry import build_detector
@@ -350,7 +350,7 @@ def run_bench_batch(args: argparse.Namespace) -> int:
     if video is None:
         raise EdgecvError(f"--video: file not found: {args.video}")
     sizes = _batch_sizes(args.batches)
-    rows = [("cpu cores", str(os.cpu_count())), ("threads", str(args.threads) if args.threads else "runtime default")]
+    rows = [("cpu cores", str(os.cpu_count())), ("threads", str(args.threads) if args.threads else f"auto ({default_threads()})")]
     rows += bench_batch_rows(model, video, args.threads, min(args.frames, 64), sizes)
     print(_table(rows, "edgecv bench batch: inference time by batch size (frames of several cameras at once)"))
     return 0
@@ -370,7 +370,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_bench_batch(args)
     if args.what == "driving":
         rows = [("cpu cores", str(os.cpu_count())),
-                ("threads", str(args.threads) if args.threads else "runtime default")]
+                ("threads", str(args.threads) if args.threads else f"auto ({default_threads()})")]
         rows += bench_driving(getattr(args, "config", None), args.frames, args.threads)
         print(_table(rows, "edgecv bench driving"))
         return 0
@@ -382,7 +382,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.what in ("model", "track", "all") and video is None:
         raise EdgecvError(f"--video: file not found: {args.video}")
     rows: list[tuple[str, str]] = [("cpu cores", str(os.cpu_count())),
-                                   ("threads", str(args.threads) if args.threads else "runtime default")]
+                                   ("threads", str(args.threads) if args.threads else f"auto ({default_threads()})")]
     model_fps = None
     if args.what in ("model", "track", "all"):
         detector = build_detector(model, threads=args.threads)

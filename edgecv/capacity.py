@@ -42,6 +42,7 @@ import paho.mqtt.client as mqtt
 from . import EdgecvError, assets
 from .config import ConfigError, parse
 from .daemon import Daemon
+from .engine.backend import default_threads
 from .engine.bench import bench_model
 from .engine.registry import build_detector
 from .evaluation.variants import read_frames
@@ -427,7 +428,7 @@ def _capacity_header(setup: Setup, infer: dict[str, Any], broker: Optional[Local
         f"edgecv bench capacity: {setup.model.name} on {setup.video.name} {setup.frame_size[0]}x{setup.frame_size[1]}, "
         f"looping cameras at {setup.fps:g} fps" + (f" ({', '.join(mode)})" if mode else "") + f", {os.cpu_count()} cores",
         f"model only: {infer['infer_ms']:.2f} ms median = {model_fps:.1f} fps ({infer['backend']}, {infer['device']}, "
-        f"threads {setup.threads or 'runtime default'}); L = model-only fps / {setup.fps:g} = {model_fps / setup.fps:.1f}"
+        f"threads {setup.threads or f'auto ({default_threads()})'}); L = model-only fps / {setup.fps:g} = {model_fps / setup.fps:.1f}"
         " cameras",
         f"publish path: {'Mosquitto on 127.0.0.1:%d, QoS 1, spool on disk' % broker.port if broker else 'MQTT off (no mosquitto binary): event latency not measured'}",
         f"each count: {per_n:.0f} s warm-up, then the measured window; holds: every camera >= {MIN_RATE:.0%} of its "
