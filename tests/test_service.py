@@ -15,12 +15,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
 import pytest
 import yaml
+from broker import free_port
 from conftest import REPO, edgecv_env, progress_lines
 
 from edgecv import assets as assets_mod
@@ -194,6 +197,15 @@ def demo_config(assets: Path, **mqtt) -> dict:
     return cfg
 
 
+def healthz(port: int) -> tuple[int, list[str]]:
+    """GET /healthz of the operator HTTP server: the status code and the problems it names."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status, json.loads(r.read()).get("problems", [])
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()).get("problems", [])
+
+
 def fps_status(line: str) -> float:
     """The frame rate of a "STATUS=1 camera: 1 streaming; mqtt connected; 9.8 fps" line (-1: not one)."""
     m = re.fullmatch(r"STATUS=1 camera: 1 streaming; mqtt connected; (\d+\.\d) fps", line)
@@ -279,6 +291,8 @@ def test_watchdog_pings_stop_when_the_capture_read_blocks(assets, tmp_path):
     cfg = demo_config(assets, enabled=False)
     cfg["stuck_after_s"] = 1.0
     cfg["cameras"] = {"pipe": {"source": str(fifo), "type": "stream", "read_timeout_s": 1.0, "stall_timeout_s": 60}}
+    http_port = free_port()
+    cfg["http"] = {"enabled": True, "port": http_port}  # /healthz reads the same health check
     # FFmpeg probes 5 MB of a pipe before it opens; 200 kB are a few frames
     proc, notify, err = start_daemon(cfg, tmp_path, assets, OPENCV_FFMPEG_CAPTURE_OPTIONS="probesize;200000")
     try:
@@ -287,6 +301,7 @@ def test_watchdog_pings_stop_when_the_capture_read_blocks(assets, tmp_path):
         frozen = time.monotonic()
         pings_while_streaming = notify.times("WATCHDOG=1")
         assert len(pings_while_streaming) >= 3, notify.lines()
+        assert healthz(http_port) == (200, [])
         # blocked for stuck_after_s (1) past read_timeout_s (1): then no more pings
         assert err.wait_for("systemd watchdog pings stop", 15), err.text()
         stopped = time.monotonic()
@@ -298,6 +313,8 @@ def test_watchdog_pings_stop_when_the_capture_read_blocks(assets, tmp_path):
         assert any(line.startswith("STATUS=") and "stuck: camera pipe: capture blocked" in line
                    for line in notify.lines(frozen)), notify.lines(frozen)
         assert err.text().count("systemd watchdog pings stop") == 1  # said once
+        code, problems = healthz(http_port)  # while the pings stay away, /healthz says why
+        assert code == 503 and any("camera pipe: capture blocked in one read" in p for p in problems), problems
     finally:
         release.set()
         proc.send_signal(signal.SIGTERM)
