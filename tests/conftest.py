@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import pty
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +61,41 @@ def progress_lines(stderr: str, prefix: str) -> list[str]:
     messages = [line.split("edgecv.progress: ", 1)[1] if "edgecv.progress: " in line else line
                 for line in stderr.splitlines()]
     return [m for m in messages if m.startswith(prefix)]
+
+
+def on_a_terminal(cmd: list[str], env: dict) -> tuple[int, str, str]:
+    """``cmd`` with stderr on a pty (stdout a pipe): (exit code, what the terminal got, stdout)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    term = b""
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        term += data
+    os.close(master)
+    stdout = proc.stdout.read().decode() if proc.stdout else ""
+    return proc.wait(120), term.decode(errors="replace"), stdout
+
+
+class StderrLog:
+    """A subprocess's stderr lines, read on a thread as they come."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(text in line for line in self.lines):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def text(self) -> str:
+        return "".join(self.lines)

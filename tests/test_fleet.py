@@ -182,9 +182,10 @@ def test_central_gets_every_event_of_both_nodes_once_per_id_and_in_order(fleet) 
     for node, events in truth.items():
         arrived = [p for p in first.values() if p["node"] == node]  # first arrival of each id, in arrival order
         assert sorted(p["id"] for p in arrived) == sorted(e["id"] for e in events), f"{node}: events missing or extra"
-        # in order by frame: Mosquitto's bridge may let an event that comes in just as it reconnects overtake the
-        # ones it queued (seen: 1 of 51), so a consumer orders a node's events by frame; within a frame the order
-        # is the node's own
+        # in order by frame, within a frame in the node's own order. Strict arrival order is what the bridge's
+        # max_inflight_messages 1 is for (deploy/mosquitto-bridge.conf); it is not asserted: without it an event
+        # that came in just as the bridge reconnected overtook the queue once (1 of 51), and with it one run of
+        # 15 failed here for a reason not captured (docs/fleet.md)
         by_frame = sorted(arrived, key=lambda p: p["frame"])  # stable: arrival order within a frame
         assert [p["id"] for p in by_frame] == [e["id"] for e in events], f"{node}: out of order within a frame"
         late = sum(1 for a, b in zip(arrived, arrived[1:]) if b["frame"] < a["frame"])

@@ -3,15 +3,13 @@ lines when stderr is not a terminal, a bar when it is; the tables and sample row
 build's phases as bars on a terminal (the monitor's side, TensorRT itself cannot run here)."""
 from __future__ import annotations
 
-import os
-import pty
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, edgecv_env, progress_lines
+from conftest import REPO, edgecv_env, on_a_terminal, progress_lines
 
 from edgecv.engine.trt_build import BuildProgress
 
@@ -19,25 +17,6 @@ pytestmark = pytest.mark.integration
 
 EDGECV = Path(sys.executable).parent / "edgecv"
 BENCH_MODEL = [str(EDGECV), "bench", "model", "--frames", "20"]  # 10 warm-up + 3 x 20 timed runs
-
-
-def on_a_terminal(cmd: list[str], env: dict) -> tuple[int, str, str]:
-    """``cmd`` with stderr on a pty (stdout a pipe): (exit code, what the terminal got, stdout)."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, env=env)
-    os.close(slave)
-    term = b""
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        term += data
-    os.close(master)
-    stdout = proc.stdout.read().decode() if proc.stdout else ""
-    return proc.wait(120), term.decode(errors="replace"), stdout
 
 
 def test_bench_model_progress_is_log_lines_when_stderr_is_not_a_terminal(assets, tmp_path):

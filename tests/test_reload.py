@@ -5,35 +5,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from broker import Subscriber
-from conftest import REPO, edgecv_env
+from conftest import REPO, StderrLog, edgecv_env
 
 pytestmark = pytest.mark.integration
-
-
-class StderrLog:
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.lines: list[str] = []
-        self._t = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        self._t.start()
-
-    def _read(self, proc: subprocess.Popen) -> None:
-        for line in proc.stderr:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 60.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if any(text in line for line in self.lines):
-                return True
-            time.sleep(0.05)
-        return False
 
 
 def write(path: Path, cfg: dict) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pty
 import re
 import shutil
 import signal
@@ -24,7 +23,7 @@ import cv2
 import pytest
 import yaml
 from broker import free_port
-from conftest import REPO, edgecv_env, progress_lines
+from conftest import REPO, StderrLog, edgecv_env, on_a_terminal, progress_lines
 
 from edgecv import assets as assets_mod
 from edgecv.service import unit_text
@@ -159,31 +158,14 @@ class NotifySocket:
         self.sock.close()
 
 
-class Stderr:
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
-
-    def wait_for(self, text: str, timeout: float = 60.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if any(text in line for line in self.lines):
-                return True
-            time.sleep(0.05)
-        return False
-
-    def text(self) -> str:
-        return "".join(self.lines)
-
-
-def start_daemon(cfg: dict, tmp_path: Path, assets: Path, **env: str) -> tuple[subprocess.Popen, NotifySocket, Stderr]:
+def start_daemon(cfg: dict, tmp_path: Path, assets: Path, **env: str) -> tuple[subprocess.Popen, NotifySocket, StderrLog]:
     path = tmp_path / "edgecv.yaml"
     path.write_text(yaml.safe_dump(cfg))
     notify = NotifySocket(tmp_path / "notify.sock")
     environ = edgecv_env(assets, tmp_path, NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="1000000", **env)
     proc = subprocess.Popen([str(EDGECV), "run", str(path)], env=environ, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    return proc, notify, Stderr(proc)
+    return proc, notify, StderrLog(proc)
 
 
 def demo_config(assets: Path, **mqtt) -> dict:
@@ -394,22 +376,8 @@ def test_track_progress_is_log_lines_when_stderr_is_not_a_terminal(assets, tmp_p
 
 
 def test_track_progress_is_a_bar_on_a_terminal(assets, tmp_path):
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(track_cmd(assets, tmp_path), stdout=subprocess.PIPE, stderr=slave,
-                            env=edgecv_env(assets, tmp_path))
-    os.close(slave)
-    out = b""
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        out += data
-    os.close(master)
-    assert proc.wait(120) == 0
-    text = out.decode(errors="replace")
+    code, text, _ = on_a_terminal(track_cmd(assets, tmp_path), edgecv_env(assets, tmp_path))
+    assert code == 0
     assert "\rtrack:" in text and "20/20" in text and "100%|" in text, repr(text)
     assert not re.search(r"^track: \d+/20 frames", text, re.M), repr(text)  # no log lines on a terminal
 
