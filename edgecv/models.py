@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -35,11 +35,39 @@ class Prepared:
     staged: tuple[Staged, ...]  # per model (ModelSet order): its input tensor and placement, or the frame
     prep_ms: float = 0.0  # time spent preprocessing (all models)
     skip: Optional[str] = None  # why the detector skips this frame (nothing staged; sources.gate), None: inferred
+    # frames the detector skips that came before / after this one while it waited in the source's slot: handed to
+    # the camera worker in order around it (see merge_skipped)
+    before: list["Prepared"] = field(default_factory=list)
+    after: list["Prepared"] = field(default_factory=list)
 
     @property
     def infer(self) -> bool:
         """Whether the models run on this frame (else the camera worker's tracker predicts it)."""
         return self.skip is None
+
+
+MAX_WAITING_SKIPS = 32
+"""Most skipped frames kept around one waiting in a slot (beyond: the oldest is dropped and counted)."""
+
+
+def merge_skipped(unread: Prepared, new: Prepared) -> tuple[Prepared, int]:
+    """What a camera's one-slot buffer holds when ``new`` comes while ``unread`` waits (a gated camera), and how
+    many frames that drops. A frame the detector skips costs nothing to pass on, and the rules must see every
+    frame, so it is never replaced: it rides along with the frame that waits for inference (after it) or with the
+    next one (before it). Only an inferred frame replaces an older inferred frame (the newest-frame rule that keeps
+    latency from building up), and its skipped companions move to the new one."""
+    if unread.infer and not new.infer:
+        unread.after.append(new)
+        kept = unread
+    else:
+        new.before.extend([*unread.before, *([] if unread.infer else [unread]), *unread.after])
+        kept = new
+    dropped = 1 if unread.infer and new.infer else 0
+    for waiting in (kept.before, kept.after):
+        while len(waiting) > MAX_WAITING_SKIPS:
+            waiting.pop(0)
+            dropped += 1
+    return kept, dropped
 
 
 class ModelSet:

@@ -29,7 +29,7 @@ from .analytics.rules import FrameContext, LineRule, ObjectRule, Removed, Rule, 
 from .config import CameraConfig, Config, resolve_path
 from .cpu import CpuMeter
 from .engine.adapters import Detector
-from .models import ModelSet, Prepared
+from .models import ModelSet, Prepared, merge_skipped
 from .sources.base import Source
 from .sources.capture import make_source
 from .sources.gate import SKIP_INTERVAL, SKIP_REASONS, SKIP_STATIC, FrameGate
@@ -389,12 +389,20 @@ class InferenceWorker:
             if self.max_frames is not None and self._counts[name] >= self.max_frames:
                 continue
             item = w.source.slot.take()
-            if item is not None and not item.infer:  # the detector skips it (sources.gate): straight to the worker
-                self._counts[name] += 1
-                w.queue.put((item, (), ()))
-            elif item is not None:
+            if item is None:
+                continue
+            self._pass_skipped(w, item.before)
+            if item.infer:
                 ready.append((w, item))
+            else:  # the detector skips it (sources.gate): straight to the worker
+                self._pass_skipped(w, [item])
         return ready
+
+    def _pass_skipped(self, w: CameraWorker, items: Sequence[Prepared]) -> None:
+        """Frames the detector skips, to their camera worker in order (its tracker predicts them)."""
+        for item in items:
+            self._counts[w.name] += 1
+            w.queue.put((item, (), ()))
 
     def _all_done(self) -> bool:
         for name, w in self.workers.items():
@@ -428,6 +436,7 @@ class InferenceWorker:
             self.frames += 1
             w.queue.put((p, [where[i] for where in placements], [[o[i:i + 1] for o in outputs] for outputs in per_model],
                          inferred))
+            self._pass_skipped(w, p.after)
 
     def _run_chunk(self, items: Sequence[tuple[CameraWorker, Prepared]]) -> bool:
         """Infer a chunk and hand its frames on. When inference fails, a chunk of several frames is tried again
@@ -440,7 +449,7 @@ class InferenceWorker:
         except Exception as e:
             if len(items) > 1:
                 return all(self._run_chunk([item]) for item in items)
-            w, _ = items[0]
+            w, failed = items[0]
             why = str(e) if isinstance(e, EdgecvError) else f"{type(e).__name__}: {e}"  # EdgecvError names the model
             msg = f"inference failed: {' '.join(why.split())}"
             if msg not in self._reported and len(self._reported) < 100:
@@ -451,6 +460,7 @@ class InferenceWorker:
             self.failures_in_a_row += 1
             self._counts[w.name] += 1
             w.frame_failed(msg)
+            self._pass_skipped(w, failed.after)
             if self.failures_in_a_row >= self.failure_limit:
                 self.error = f"inference failed on {self.failures_in_a_row} frames in a row: {msg}"
                 log.error(self.error)
@@ -522,7 +532,8 @@ class Pipeline:
 
     def _install_gate(self, src: Source, worker: CameraWorker, cam: CameraConfig, switch: bool = False) -> None:
         """The camera's `detect` section in front of its preprocessing (capture thread): a frame the detector skips
-        reaches the worker unprepared, and never replaces a frame waiting for inference in the source's slot.
+        reaches the worker unprepared, and never replaces (nor is replaced by) a frame waiting in the source's slot: it
+        rides along with it (``models.merge_skipped``), so the rules see every frame read.
         ``switch``: installed even when every frame is inferred, so that :meth:`set_detect` can switch it."""
         if not (cam.detect.gated or switch):
             return  # every frame inferred, as without the section
@@ -536,7 +547,7 @@ class Pipeline:
 
         src.prepare = prepare
         src.on_open = gate.reset  # a stream's first frame is inferred
-        src.slot.keep = lambda unread, new: unread.infer and not new.infer
+        src.slot.merge = merge_skipped
 
     def detect_enabled(self, camera: str) -> bool:
         """Whether the detector runs on ``camera`` (its gate's run-time switch, else ``detect.enabled``)."""

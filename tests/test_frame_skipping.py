@@ -18,7 +18,7 @@ from conftest import REPO, edgecv_env
 
 from edgecv import UsageError
 from edgecv.config import ConfigError, DetectConfig, parse
-from edgecv.models import load_models
+from edgecv.models import MAX_WAITING_SKIPS, Prepared, load_models, merge_skipped
 from edgecv.pipeline import Pipeline
 from edgecv.sources.base import FrameSlot
 from edgecv.sources.gate import MOVING_PX, SKIP_DISABLED, SKIP_INTERVAL, SKIP_STATIC, FrameGate, MotionDetector
@@ -80,7 +80,7 @@ def test_defaults_infer_every_frame_as_before(assets: Path) -> None:
     assert (detect.enabled, detect.every_n, detect.motion_gate.enabled) == (True, 1, False)
     pipe = Pipeline(cfg, load_models(cfg), [])
     src = pipe.sources["street"]
-    assert src.prepare == pipe.models.prepare and src.on_open is None and src.slot.keep is None  # no gate at all
+    assert src.prepare == pipe.models.prepare and src.on_open is None and src.slot.merge is None  # no gate at all
 
 
 BAD = [
@@ -225,21 +225,32 @@ def test_motion_detector_counts_changed_area_in_source_pixels() -> None:
     assert detector.moved(changed)
 
 
-def test_slot_never_replaces_a_frame_waiting_for_inference_with_a_skipped_one() -> None:
-    class Item:
-        def __init__(self, infer: bool) -> None:
-            self.infer = infer
+def test_slot_passes_on_every_skipped_frame_in_order_and_keeps_the_newest_to_infer() -> None:
+    """A gated camera's slot: a frame the detector skips never replaces, and is never replaced by, one that waits;
+    it rides along (before or after it) to the camera worker. An inferred frame still replaces an older one."""
+    def item(index: int, infer: bool) -> Prepared:
+        return Prepared(Frame("c", index, 0.0, 0.0, np.zeros((2, 2, 3), np.uint8)), (),
+                        skip=None if infer else SKIP_INTERVAL)
 
     slot = FrameSlot(block=False)
-    slot.keep = lambda unread, new: unread.infer and not new.infer
+    slot.merge = merge_skipped
     stop = threading.Event()
-    inferred, skipped, newer = Item(True), Item(False), Item(True)
-    slot.put(inferred, stop)
-    slot.put(skipped, stop)
-    assert slot.take() is inferred and slot.dropped == 1
-    slot.put(skipped, stop)
-    slot.put(newer, stop)  # the newest frame to infer replaces anything
-    assert slot.take() is newer and slot.dropped == 2
+    for i, infer in ((1, False), (2, True), (3, False), (4, False)):
+        slot.put(item(i, infer), stop)
+    got = slot.take()
+    assert [p.frame.index for p in got.before] == [1] and got.frame.index == 2
+    assert [p.frame.index for p in got.after] == [3, 4] and slot.dropped == 0
+    for i, infer in ((5, True), (6, False), (7, True), (8, False)):
+        slot.put(item(i, infer), stop)
+    got = slot.take()  # 7 replaced 5 (dropped, counted); 6 and 8 are still passed on, in order
+    assert [p.frame.index for p in got.before] == [6] and got.frame.index == 7
+    assert [p.frame.index for p in got.after] == [8] and slot.dropped == 1
+    slot.put(item(9, True), stop)
+    for i in range(10, 10 + MAX_WAITING_SKIPS + 2):  # inference stuck: the skipped frames are bounded
+        slot.put(item(i, False), stop)
+    got = slot.take()
+    assert len(got.after) == MAX_WAITING_SKIPS and got.after[-1].frame.index == 11 + MAX_WAITING_SKIPS
+    assert slot.dropped == 3
 
 
 # ---- end to end on the street clip

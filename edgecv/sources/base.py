@@ -45,9 +45,10 @@ def quiet_native_logs() -> None:
 class FrameSlot:
     """A one-slot buffer holding the newest frame.
 
-    `put` in drop mode replaces an unread frame (counted as dropped), unless ``keep(unread, new)`` says the unread
-    one matters more (then the new one is dropped: a frame the detector skips never replaces one waiting for
-    inference); in block mode it waits until the consumer took the previous frame (or the stop event is set).
+    `put` in drop mode replaces an unread frame (counted as dropped), unless ``merge(unread, new)`` is set: it
+    returns the item to hold and how many frames that dropped (a gated camera: frames the detector skips ride along
+    with the one waiting, see :func:`edgecv.models.merge_skipped`); in block mode it waits until the consumer took
+    the previous frame (or the stop event is set).
     """
 
     def __init__(self, block: bool) -> None:
@@ -56,7 +57,7 @@ class FrameSlot:
         self._cond = threading.Condition()
         self.dropped = 0
         self.closed = False
-        self.keep: Optional[Callable[[Any, Any], bool]] = None  # set by the pipeline (see the class docstring)
+        self.merge: Optional[Callable[[Any, Any], tuple[Any, int]]] = None  # set by the pipeline (class docstring)
 
     def put(self, frame: Any, stop: threading.Event) -> bool:
         with self._cond:
@@ -65,10 +66,11 @@ class FrameSlot:
                     self._cond.wait(0.1)
                 if stop.is_set():
                     return False
+            elif self._frame is not None and self.merge is not None:
+                frame, dropped = self.merge(self._frame, frame)
+                self.dropped += dropped
             elif self._frame is not None:
                 self.dropped += 1
-                if self.keep is not None and self.keep(self._frame, frame):
-                    return True
             self._frame = frame
             self._cond.notify_all()
             return True
