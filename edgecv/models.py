@@ -61,6 +61,8 @@ def merge_skipped(unread: Prepared, new: Prepared) -> tuple[Prepared, int]:
         kept = unread
     else:
         new.before.extend([*unread.before, *([] if unread.infer else [unread]), *unread.after])
+        unread.before.clear()  # moved: each frame is passed on once, from the item the slot holds
+        unread.after.clear()
         kept = new
     dropped = 1 if unread.infer and new.infer else 0
     for waiting in (kept.before, kept.after):
