@@ -528,7 +528,7 @@ class Pipeline:
             self._install_gate(src, self.workers[name], cam, detect_switch)
         self.inference = InferenceWorker(self.models, self.workers, self.notify, max_frames, cfg.failure_limit)
         self.started_at = 0.0
-        self.cpu = CpuMeter()  # made after the models are loaded: their runtime's threads are known apart
+        self.cpu = CpuMeter()  # CPU time by stage from here on (stats: cpu_ms_per_frame)
 
     def _install_gate(self, src: Source, worker: CameraWorker, cam: CameraConfig, switch: bool = False) -> None:
         """The camera's `detect` section in front of its preprocessing (capture thread): a frame the detector skips
