@@ -41,7 +41,7 @@ from .pipeline import CameraWorker, Pipeline, build_rules, tracker_config
 from .progress import Progress
 from .sources.capture import make_source
 from .track import track_video
-from .tracking.bytetrack import ByteTracker, bench_tracker
+from .tracking.bytetrack import ByteTracker, TrackerConfig, bench_tracker
 from .tracking.motion import CameraMotion
 from .types import Frame, SemanticMasks
 
@@ -240,12 +240,12 @@ def bench_driving(config: Optional[str], frames: int, threads: Optional[int]) ->
 
 
 def bench_tracker_rows(video: Optional[Path], frames: int) -> list[tuple[str, str]]:
-    """Tracker time per frame (median) at 10 and 50 objects, without and with camera-motion compensation
-    on the video's frames, and the compensation alone."""
+    """Tracker time per frame (median) at 10 and 50 objects: on boxes alone, then on the video's frames with
+    the appearance cue, and with it and camera-motion compensation; and the compensation alone."""
 
     n = max(100, min(frames, 500))
     images = read_frames(video, n) if video is not None else []
-    with Progress("bench tracker", total=2 * n + 4 * len(images)) as progress:
+    with Progress("bench tracker", total=2 * n + 6 * len(images)) as progress:
         return _tracker_rows(n, images, video, progress)
 
 
@@ -255,11 +255,15 @@ def _tracker_rows(n: int, images: list[np.ndarray], video: Optional[Path],
     rows = []
     for objects in (10, 50):
         ms = bench_tracker(objects, n, progress=progress)
-        rows.append((f"tracker, {objects} objects", f"{ms:.3f} ms per frame (median)"))
+        rows.append((f"tracker, {objects} objects", f"{ms:.3f} ms per frame (median, IoU and motion only)"))
     if not images:
-        return rows + [("motion compensation", "skipped: no video frames (--video)")]
+        return rows + [("appearance, motion compensation", "skipped: no video frames (--video)")]
     h, w = images[0].shape[:2]
     where = f"{Path(str(video)).name} {w}x{h}"
+    weight = TrackerConfig.appearance_weight
+    for objects in (10, 50):
+        ms = bench_tracker(objects, len(images), images=images, appearance_weight=weight, progress=progress)
+        rows.append((f"tracker + appearance, {objects} objects", f"{ms:.3f} ms per frame (median, {where})"))
     for method in ("sparse_flow", "ecc"):
         cm = CameraMotion(method)
         times = []
@@ -270,8 +274,9 @@ def _tracker_rows(n: int, images: list[np.ndarray], video: Optional[Path],
             progress.update()
         rows.append((f"motion compensation, {method}", f"{np.median(times[1:]):.3f} ms per frame (median, {where})"))
     for objects in (10, 50):
-        ms = bench_tracker(objects, len(images), images=images, motion_compensation="sparse_flow", progress=progress)
-        rows.append((f"tracker + sparse_flow, {objects} objects", f"{ms:.3f} ms per frame (median, {where})"))
+        ms = bench_tracker(objects, len(images), images=images, motion_compensation="sparse_flow",
+                           appearance_weight=weight, progress=progress)
+        rows.append((f"tracker + appearance + sparse_flow, {objects} objects", f"{ms:.3f} ms per frame (median, {where})"))
     return rows
 
 

@@ -195,6 +195,7 @@ class Setup:
     every_n: Optional[int] = None
     motion_gate: bool = False
     threads: Optional[int] = None
+    defer: bool = True  # detect.defer_when_busy (with every_n above 1)
     port: Optional[int] = None  # the broker's (None: MQTT off)
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
@@ -207,6 +208,8 @@ class Setup:
         detect: dict[str, Any] = {}  # cameras.<n>.detect: frame skipping and the motion gate, where the config has it
         if self.every_n:
             detect["every_n"] = self.every_n
+            if not self.defer:
+                detect["defer_when_busy"] = False
         if self.motion_gate:
             detect["motion_gate"] = {"enabled": True}
         if detect:
@@ -249,7 +252,8 @@ def make_setup(args: argparse.Namespace, workdir: Path) -> Setup:
     if every_n is not None and every_n < 1:
         raise EdgecvError(f"--every-n: expected a positive number, got {every_n}")
     return Setup(model, video, video_fps, (image.shape[1], image.shape[0]), min(args.fps, video_fps), every_n,
-                 bool(getattr(args, "motion_gate", False)), args.threads, workdir=workdir)
+                 bool(getattr(args, "motion_gate", False)), args.threads, workdir=workdir,
+                 defer=not getattr(args, "no_defer", False))
 
 
 # ---- one run of the daemon

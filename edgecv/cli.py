@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capacity, latency: each camera's frame rate (default 10; at most the video's own)")
     b.add_argument("--every-n", type=int, default=None,
                    help="capacity: run the detector on every n-th frame (cameras.<n>.detect.every_n)")
+    b.add_argument("--no-defer", action="store_true",
+                   help="capacity: with --every-n, never defer a due frame while the detector is busy "
+                        "(cameras.<n>.detect.defer_when_busy: false)")
     b.add_argument("--motion-gate", action="store_true",
                    help="capacity: skip the detector on still frames (cameras.<n>.detect.motion_gate.enabled)")
     b.set_defaults(func=cmd_bench)

@@ -234,6 +234,14 @@ class DetectConfig(_Model):
                           "streaming and tracks age out)")
     every_n: int = Field(1, ge=1, le=1000, description="Run the detector on one frame in N; the tracker predicts "
                          "the frames between, and rules and events still run on every frame")
+    min_fps: float = Field(3.0, ge=0, le=1000, description="every_n never runs the detector less often than this "
+                           "many times per second of the source's frame rate (on a 5 fps camera every_n 2 is taken "
+                           "as 1): below about 3 detections a second the tracker loses walking people between them "
+                           "(README, Skipping frames); logged once when it applies; 0: every_n as set")
+    defer_when_busy: bool = Field(True, description="With every_n above 1: a frame due for the detector while "
+                                  "other cameras' frames already wait for it is skipped too, and the next one "
+                                  "inferred instead (at most every_n - 1 frames later, never below min_fps), so a "
+                                  "burst of due frames does not queue up: latency stays bounded near capacity")
     motion_gate: MotionGateConfig = Field(MotionGateConfig(), description="Skip the detector while nothing moves")
 
     @property
@@ -449,6 +457,9 @@ class TrackerSection(_Model):
     low_match_thresh: float = Field(0.6, gt=0, le=1, description="Largest 1-IoU cost accepted in the low-score association")
     min_hits: int = Field(2, ge=1, le=100, description="Consecutive matched frames before a track is confirmed")
     lost_buffer_s: float = Field(1.5, gt=0, le=600, description="How long a lost track can be recovered with its id")
+    appearance_weight: float = Field(
+        0.7, ge=0, le=10, description="Weight of the appearance cue (the colour layout of each box, 0..1 apart) "
+        "added to the IoU cost of the association: tells apart objects whose boxes overlap; 0 turns it off")
     motion_compensation: Literal["off", "sparse_flow", "ecc", "auto"] = Field(
         "auto", description="Camera-motion compensation (moving cameras): sparse_flow, ecc, auto (sparse flow, "
         "used only while the camera is seen to move) or off")

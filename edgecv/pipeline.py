@@ -364,9 +364,16 @@ class InferenceWorker:
         self.failures_in_a_row = 0
         self._reported: set[str] = set()  # distinct failure messages logged so far
         self.busy_since = 0.0  # monotonic time the running chunk's inference began (0: not inferring)
+        self._queued = 0  # frames collected in this round and not yet inferred (the one inferring included)
 
     def start(self) -> None:
         self._thread.start()
+
+    def backlog(self, camera: str = "") -> int:
+        """Frames waiting for inference now, but ``camera``'s own: collected and not yet inferred, or ready in
+        another camera's slot to be collected. Read from capture threads (``detect.defer_when_busy``): a snapshot,
+        no lock taken."""
+        return self._queued + sum(1 for n, w in self.workers.items() if n != camera and w.source.slot.ready)
 
     def stop(self) -> None:
         self._stop.set()
@@ -484,8 +491,10 @@ class InferenceWorker:
                     self.notify.wait(0.05)
                     continue
                 for start in range(0, len(ready), step):
+                    self._queued = len(ready) - start
                     if not self._run_chunk(ready[start:start + step]):
                         return
+                self._queued = 0
         except Exception as e:  # not an inference error: a defect; the pipeline has failed
             self.error = f"inference thread failed: {type(e).__name__}: {e}"
             log.exception(self.error)
@@ -537,7 +546,10 @@ class Pipeline:
         ``switch``: installed even when every frame is inferred, so that :meth:`set_detect` can switch it."""
         if not (cam.detect.gated or switch):
             return  # every frame inferred, as without the section
-        gate = self.gates[worker.name] = FrameGate(cam.detect, track_speed=lambda: worker.track_speed)
+        # a replay with no drop (block mode) never defers: it has no latency to keep, and stays reproducible
+        backlog = (lambda: 0) if src.slot.blocking else (lambda: self.inference.backlog(worker.name))
+        gate = self.gates[worker.name] = FrameGate(cam.detect, track_speed=lambda: worker.track_speed,
+                                                   name=src.display, backlog=backlog)
         worker.measure_speed = cam.detect.gated
         models = self.models
 
@@ -546,7 +558,7 @@ class Pipeline:
             return models.prepare(frame) if skip is None else Prepared(frame, (), skip=skip)
 
         src.prepare = prepare
-        src.on_open = gate.reset  # a stream's first frame is inferred
+        src.on_open = lambda: gate.reset(src.fps)  # a stream's first frame is inferred; every_n follows its fps
         src.slot.merge = merge_skipped
 
     def detect_enabled(self, camera: str) -> bool:

@@ -21,7 +21,8 @@ from edgecv.config import ConfigError, DetectConfig, parse
 from edgecv.models import MAX_WAITING_SKIPS, Prepared, load_models, merge_skipped
 from edgecv.pipeline import Pipeline
 from edgecv.sources.base import FrameSlot
-from edgecv.sources.gate import MOVING_PX, SKIP_DISABLED, SKIP_INTERVAL, SKIP_STATIC, FrameGate, MotionDetector
+from edgecv.sources.gate import (MOVING_PX, SKIP_DEFERRED, SKIP_DISABLED, SKIP_INTERVAL, SKIP_STATIC, FrameGate,
+                                 MotionDetector)
 from edgecv.track import OfflineRun, run_offline, with_detect
 from edgecv.tracking.bytetrack import ByteTracker, TrackerConfig
 from edgecv.types import Detections, Event, Frame
@@ -192,6 +193,48 @@ def test_gate_every_n_and_disabled() -> None:
     assert {off.decide(image) for _ in range(5)} == {SKIP_DISABLED}
 
 
+def test_every_n_keeps_the_detector_at_min_fps(caplog: pytest.LogCaptureFixture) -> None:
+    gate = FrameGate(DetectConfig(every_n=4), name="cam")  # min_fps 3 by default
+    assert gate.every_n == 4  # the frame rate is not known yet: as set
+    caplog.set_level("WARNING", logger="edgecv.sources.gate")
+    gate.reset(30.0)
+    assert gate.every_n == 4 and not caplog.records  # 7.5 detections a second: as set, nothing said
+    gate.reset(7.0)
+    assert gate.every_n == 2  # 7 / 4 = 1.75 a second would be too few: one in 2 (3.5 a second)
+    assert [r.getMessage() for r in caplog.records] == [
+        "cam: detect.every_n 4 at 7 fps would run the detector 1.75 times a second, below detect.min_fps 3: "
+        "running it on one frame in 2"]
+    gate.reset(7.0)  # the same stream reopened: said once
+    assert len(caplog.records) == 1
+    gate.reset(2.0)
+    assert gate.every_n == 1 and [gate.decide(still()) for _ in range(3)] == [None, None, None]
+    gate.reset(0.0)  # a source that does not say its rate: the last one known stays
+    assert gate.every_n == 1
+    free = FrameGate(DetectConfig(every_n=4, min_fps=0))
+    free.reset(2.0)
+    assert free.every_n == 4  # 0: every_n as set, however slow the camera
+
+
+def test_a_due_frame_is_deferred_while_other_cameras_wait_for_the_detector() -> None:
+    waiting = [0]
+    gate = FrameGate(DetectConfig(every_n=2), backlog=lambda: waiting[0])
+    gate.reset(10.0)
+    image = still()
+    assert [gate.decide(image) for _ in range(3)] == [None, SKIP_INTERVAL, None]
+    waiting[0] = 2  # two frames of other cameras wait: the due frame is deferred, once (every_n - 1 frames)
+    assert [gate.decide(image) for _ in range(4)] == [SKIP_INTERVAL, SKIP_DEFERRED, None, SKIP_INTERVAL]
+    waiting[0] = 1  # one waiting frame is no queue
+    assert gate.decide(image) is None
+    slow = FrameGate(DetectConfig(every_n=2), backlog=lambda: 5)
+    slow.reset(6.0)  # at 6 fps a gap of 3 frames would be 2 detections a second, below min_fps 3: no deferral
+    assert [slow.decide(image) for _ in range(5)] == [None, SKIP_INTERVAL, None, SKIP_INTERVAL, None]
+    never = FrameGate(DetectConfig(every_n=2, defer_when_busy=False), backlog=lambda: 5)
+    never.reset(10.0)
+    assert [never.decide(image) for _ in range(5)] == [None, SKIP_INTERVAL, None, SKIP_INTERVAL, None]
+    first = FrameGate(DetectConfig(every_n=2), backlog=lambda: 5)
+    assert first.decide(image) is None  # a stream's first frame is inferred, busy or not
+
+
 def test_motion_gate_skips_still_frames_unless_something_moves() -> None:
     speed = [0.0]
     gate = FrameGate(DetectConfig.model_validate({"motion_gate": {"enabled": True, "mask": [[[0, 0], [100, 0],
@@ -286,6 +329,31 @@ def test_every_third_frame_keeps_ids_and_events(vtest: Path) -> None:
     for e in on_skipped:  # an event carries the frame it happened on, and its track's box on that frame
         if e.type != "object.lost" and e.fields.get("reason") != "lost":  # (a removed track is not reported)
             assert e.object.bbox == pytest.approx(rec.tracks[e.frame][e.object.track_id], abs=1e-3), e
+
+
+@pytest.fixture(scope="module")
+def slow_clip(vtest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vtest's first 40 frames as a 4 fps clip (a slow camera)."""
+    cap = cv2.VideoCapture(str(vtest))
+    frames = [cap.read()[1] for _ in range(40)]
+    cap.release()
+    path = tmp_path_factory.mktemp("slow") / "slow.avi"
+    h, w = frames[0].shape[:2]
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 4.0, (w, h))
+    for image in frames:
+        out.write(image)
+    out.release()
+    return path
+
+
+def test_every_n_on_a_slow_camera_runs_the_detector_min_fps_times_a_second(
+        slow_clip: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="edgecv.sources.gate")
+    _, _, stats = run(config(str(slow_clip), {"every_n": 2}))
+    assert stats["frames_processed"] == 40 and stats["frames_inferred"] == 40  # 4 fps / 2 = 2 < 3: every frame
+    assert any("below detect.min_fps 3: running it on every frame" in r.getMessage() for r in caplog.records)
+    _, _, stats = run(config(str(slow_clip), {"every_n": 2, "min_fps": 2}))
+    assert stats["frames_inferred"] == 20  # 2 a second is allowed now: one frame in two
 
 
 @pytest.mark.integration

@@ -99,6 +99,11 @@ class FrameSlot:
     def ready(self) -> bool:
         return self._frame is not None
 
+    @property
+    def blocking(self) -> bool:
+        """Block mode: the producer waits for the consumer (a replay with no drop), so nothing ever queues up."""
+        return self._block
+
 
 @dataclass
 class SourceStats:
@@ -301,10 +306,10 @@ class Source:
 
     def _stream_opened(self) -> str:
         """Stream the capture just opened (its frame rate read first), then release it; the outcome of _stream."""
-        if self.on_open is not None:
-            self.on_open()
         fps = self._cap.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if fps and 0 < fps < 1000 else 0.0
+        if self.on_open is not None:
+            self.on_open()
         outcome = self._stream()
         self._release()
         return outcome

@@ -17,6 +17,7 @@ The first frame, and the first after the source (re)opens (``reset``), is always
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, Optional, Sequence
 
@@ -25,8 +26,12 @@ import numpy as np
 
 from ..config import DetectConfig, MotionGateConfig
 
-SKIP_INTERVAL, SKIP_STATIC, SKIP_DISABLED = "interval", "static", "disabled"  # why a frame was not inferred
-SKIP_REASONS = (SKIP_INTERVAL, SKIP_STATIC, SKIP_DISABLED)
+log = logging.getLogger(__name__)
+
+# why a frame was not inferred
+SKIP_INTERVAL, SKIP_STATIC, SKIP_DISABLED, SKIP_DEFERRED = "interval", "static", "disabled", "deferred"
+SKIP_REASONS = (SKIP_INTERVAL, SKIP_STATIC, SKIP_DISABLED, SKIP_DEFERRED)
+DEFER_BACKLOG = 2  # frames waiting for inference (other cameras') at which a due frame is deferred
 MOVING_PX = 1.0  # a tracked object moving faster (source pixels per frame) keeps the motion gate open
 
 
@@ -91,9 +96,15 @@ class FrameGate:
     gate from the camera worker's thread (a float, so reading it is thread-safe).
     """
 
-    def __init__(self, cfg: DetectConfig, track_speed: Callable[[], float] = lambda: 0.0) -> None:
+    def __init__(self, cfg: DetectConfig, track_speed: Callable[[], float] = lambda: 0.0,
+                 name: str = "camera", backlog: Callable[[], int] = lambda: 0) -> None:
         self.cfg = cfg
         self.track_speed = track_speed
+        self.backlog = backlog
+        self.name = name
+        self.every_n = cfg.every_n  # as applied: ``cfg.every_n`` limited by ``min_fps`` (``set_fps``)
+        self.latest = cfg.every_n  # frames since the last inferred one by which the next is inferred, deferred or not
+        self.set_fps(0.0)
         self.motion = MotionDetector.from_config(cfg.motion_gate) if cfg.motion_gate.enabled else None
         self._since = 0  # frames since the last inferred one
         self._moved = False  # motion seen since the last inferred frame
@@ -111,8 +122,27 @@ class FrameGate:
             self._fresh = True  # the first frame after switching on is inferred
         self._enabled = bool(on)
 
-    def reset(self) -> None:
-        """The source (re)opened: its next frame is inferred, the motion background starts afresh."""
+    def set_fps(self, fps: float) -> None:
+        """The source's frame rate (known once it opened): ``every_n`` is lowered so that the detector still runs
+        ``min_fps`` times a second; logged once when that changes it."""
+        n = self.cfg.every_n
+        if self.cfg.min_fps > 0 and fps > 0:
+            n = min(n, max(1, int(fps / self.cfg.min_fps + 1e-9)))
+        if n != self.every_n and n < self.cfg.every_n:
+            log.warning("%s: detect.every_n %d at %.3g fps would run the detector %.3g times a second, below "
+                        "detect.min_fps %g: running it on %s", self.name, self.cfg.every_n, fps,
+                        fps / self.cfg.every_n, self.cfg.min_fps, f"one frame in {n}" if n > 1 else "every frame")
+        self.every_n = n
+        latest = 2 * n - 1 if self.cfg.defer_when_busy else n
+        if self.cfg.min_fps > 0 and fps > 0:
+            latest = min(latest, max(n, int(fps / self.cfg.min_fps + 1e-9)))
+        self.latest = latest
+
+    def reset(self, fps: float = 0.0) -> None:
+        """The source (re)opened at ``fps`` (0: not known): its next frame is inferred, the motion background
+        starts afresh, ``every_n`` follows the frame rate (``set_fps``)."""
+        if fps > 0:
+            self.set_fps(fps)
         self._fresh = True
         if self.motion is not None:
             self.motion.reset()
@@ -125,8 +155,10 @@ class FrameGate:
             self._moved = self.motion.moved(image) or self._moved
         self._since += 1
         if not self._fresh:
-            if self._since < self.cfg.every_n:
+            if self._since < self.every_n:
                 return SKIP_INTERVAL
+            if self._since < self.latest and self.backlog() >= DEFER_BACKLOG:
+                return SKIP_DEFERRED
             if self.motion is not None and not self._moved and self.track_speed() <= MOVING_PX:
                 return SKIP_STATIC
         self._fresh, self._since, self._moved = False, 0, False
