@@ -273,7 +273,8 @@ def _deltas(first: dict[str, Any], last: dict[str, Any]) -> dict[str, dict[str, 
     out = {}
     for name, cam in last["cameras"].items():
         before = first["cameras"][name]
-        out[name] = {k: cam[f"frames_{k}"] - before[f"frames_{k}"] for k in ("read", "processed", "dropped")}
+        out[name] = {k: cam.get(f"frames_{k}", 0) - before.get(f"frames_{k}", 0)
+                     for k in ("read", "processed", "dropped", "inferred")}
         out[name]["stats"] = cam
     return out
 
@@ -367,6 +368,7 @@ class Row:
     events: int
     cpu_pct: float
     holds: bool
+    inferred_pct: float = 100.0  # frames the detector ran on, of those processed (every_n, motion gate, deferrals)
 
 
 def capacity_row(n: int, fps: float, w: Window, with_events: bool) -> Row:
@@ -379,16 +381,19 @@ def capacity_row(n: int, fps: float, w: Window, with_events: bool) -> Row:
     cpu = 100.0 * w.cpu_s / w.seconds / (os.cpu_count() or 1)
     holds = (worst_fps >= MIN_RATE * fps and drop <= MAX_DROP_PCT and frame_p99 <= MAX_P99_MS
              and (not with_events or (len(w.events_ms) > 0 and ev99 <= MAX_P99_MS)))
-    return Row(n, worst_fps, drop, frame_p50, frame_p99, ev50, ev99, len(w.events_ms), cpu, holds)
+    processed = sum(c["processed"] for c in cams)
+    inferred = 100.0 * sum(c.get("inferred", c["processed"]) for c in cams) / processed if processed else 0.0
+    return Row(n, worst_fps, drop, frame_p50, frame_p99, ev50, ev99, len(w.events_ms), cpu, holds, inferred)
 
 
 CAPACITY_COLUMNS = ("cameras", "worst fps", "drop %", "frame p50 ms", "frame p99 ms", "event p50 ms", "event p99 ms",
-                    "events", "CPU %", "holds")
+                    "events", "inferred %", "CPU %", "holds")
 
 
 def _cells(r: Row) -> list[str]:
     return [str(r.cameras), f"{r.worst_fps:.2f}", f"{r.drop_pct:.1f}", f"{r.frame_p50:.0f}", f"{r.frame_p99:.0f}",
-            f"{r.event_p50:.0f}", f"{r.event_p99:.0f}", str(r.events), f"{r.cpu_pct:.0f}", "yes" if r.holds else "NO"]
+            f"{r.event_p50:.0f}", f"{r.event_p99:.0f}", str(r.events), f"{r.inferred_pct:.0f}", f"{r.cpu_pct:.0f}",
+            "yes" if r.holds else "NO"]
 
 
 def grid(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:

@@ -365,6 +365,7 @@ class InferenceWorker:
         self._reported: set[str] = set()  # distinct failure messages logged so far
         self.busy_since = 0.0  # monotonic time the running chunk's inference began (0: not inferring)
         self._queued = 0  # frames collected in this round and not yet inferred (the one inferring included)
+        self.frame_ms = 0.0  # one frame's inference, all models, moving average (weight 0.1 of the newest)
 
     def start(self) -> None:
         self._thread.start()
@@ -374,6 +375,11 @@ class InferenceWorker:
         another camera's slot to be collected. Read from capture threads (``detect.defer_when_busy``): a snapshot,
         no lock taken."""
         return self._queued + sum(1 for n, w in self.workers.items() if n != camera and w.source.slot.ready)
+
+    def wait_ms(self, camera: str = "") -> float:
+        """How long a frame of ``camera`` put now would wait for inference: the backlog times the recent time of
+        one frame's inference (a moving average)."""
+        return self.backlog(camera) * self.frame_ms
 
     def stop(self) -> None:
         self._stop.set()
@@ -432,6 +438,7 @@ class InferenceWorker:
             self.model_ms[name].add(ms)
             total += ms
         self.infer_ms.add(total)
+        self.frame_ms = total if not self.frame_ms else 0.9 * self.frame_ms + 0.1 * total
         return per_model, placements
 
     def _hand_over(self, items: Sequence[tuple[CameraWorker, Prepared]], per_model: list[list[np.ndarray]],
@@ -547,9 +554,9 @@ class Pipeline:
         if not (cam.detect.gated or switch):
             return  # every frame inferred, as without the section
         # a replay with no drop (block mode) never defers: it has no latency to keep, and stays reproducible
-        backlog = (lambda: 0) if src.slot.blocking else (lambda: self.inference.backlog(worker.name))
+        wait_ms = (lambda: 0.0) if src.slot.blocking else (lambda: self.inference.wait_ms(worker.name))
         gate = self.gates[worker.name] = FrameGate(cam.detect, track_speed=lambda: worker.track_speed,
-                                                   name=src.display, backlog=backlog)
+                                                   name=src.display, wait_ms=wait_ms)
         worker.measure_speed = cam.detect.gated
         models = self.models
 

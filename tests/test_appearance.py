@@ -40,6 +40,18 @@ def test_the_descriptor_is_the_mean_colour_of_each_cell_in_ycrcb() -> None:
     assert ok[0] and np.allclose(feats.reshape(-1, 3), [y, cr, cb], atol=0.5)
 
 
+def test_grey_and_four_channel_frames_are_described_like_their_bgr() -> None:
+    img = _image(((100, 40, 200, 200), RED), ((220, 40, 300, 200), BLUE))
+    boxes = np.array([[100, 40, 200, 200], [220, 40, 300, 200]], np.float64)
+    bgr, _ = appearance.describe(img, boxes)
+    bgra, _ = appearance.describe(np.dstack([img, np.full(img.shape[:2], 255, np.uint8)]), boxes)
+    assert np.array_equal(bgr, bgra)
+    grey = img.mean(axis=2).astype(np.uint8)
+    feats, ok = appearance.describe(grey, boxes)
+    as_bgr, _ = appearance.describe(np.dstack([grey] * 3), boxes)
+    assert ok.all() and np.allclose(feats, as_bgr, atol=1e-3)
+
+
 def test_boxes_that_cannot_be_described_are_marked_so() -> None:
     img = _image()
     boxes = np.array([[10, 10, 12, 12],  # too small for the grid

@@ -66,6 +66,9 @@ def test_a_camera_count_holds_only_at_its_rate_without_drops_within_the_latency_
     assert not capacity_row(2, 10.0, window(100, 0, 90.0, [40.0, 900.0]), True).holds  # event p99
     assert capacity_row(2, 10.0, window(100, 0, 90.0, []), False).holds  # no broker: frames only
     assert capacity_row(2, 10.0, window(100, 0, 90.0, []), True).cpu_pct > 0
+    skipping = window(100, 0, 90.0, [40.0])
+    skipping.cameras["a"]["inferred"], skipping.cameras["b"]["inferred"] = 50, 30  # every_n, deferrals
+    assert capacity_row(2, 10.0, skipping, True).inferred_pct == pytest.approx(40.0)
 
 
 def test_every_n_and_motion_gate_are_passed_as_detect_settings(assets, vtest, tmp_path):
@@ -79,4 +82,9 @@ def test_every_n_and_motion_gate_are_passed_as_detect_settings(assets, vtest, tm
         pytest.skip("the config has no cameras.<n>.detect section yet")
     cfg = parse(setup.config("n", 2), "capacity config")
     detect = cfg.cameras["cam2"].detect
-    assert detect.every_n == 3 and detect.motion_gate.enabled
+    assert detect.every_n == 3 and detect.motion_gate.enabled and detect.defer_when_busy
+    args = build_parser().parse_args(["bench", "capacity", "--every-n", "2", "--no-defer"])
+    assert args.no_defer
+    never = Setup(assets / "models" / "yolox_nano.onnx", vtest, 10.0, (768, 576), every_n=2, defer=False,
+                  workdir=tmp_path)
+    assert not parse(never.config("n", 1), "capacity config").cameras["cam1"].detect.defer_when_busy

@@ -21,7 +21,7 @@ from edgecv.config import ConfigError, DetectConfig, parse
 from edgecv.models import MAX_WAITING_SKIPS, Prepared, load_models, merge_skipped
 from edgecv.pipeline import Pipeline
 from edgecv.sources.base import FrameSlot
-from edgecv.sources.gate import (MOVING_PX, SKIP_DEFERRED, SKIP_DISABLED, SKIP_INTERVAL, SKIP_STATIC, FrameGate,
+from edgecv.sources.gate import (DEFER_WAIT_MS, MOVING_PX, SKIP_DEFERRED, SKIP_DISABLED, SKIP_INTERVAL, SKIP_STATIC, FrameGate,
                                  MotionDetector)
 from edgecv.track import OfflineRun, run_offline, with_detect
 from edgecv.tracking.bytetrack import ByteTracker, TrackerConfig
@@ -216,22 +216,22 @@ def test_every_n_keeps_the_detector_at_min_fps(caplog: pytest.LogCaptureFixture)
 
 
 def test_a_due_frame_is_deferred_while_other_cameras_wait_for_the_detector() -> None:
-    waiting = [0]
-    gate = FrameGate(DetectConfig(every_n=2), backlog=lambda: waiting[0])
+    waiting = [0.0]
+    gate = FrameGate(DetectConfig(every_n=2), wait_ms=lambda: waiting[0])
     gate.reset(10.0)
     image = still()
     assert [gate.decide(image) for _ in range(3)] == [None, SKIP_INTERVAL, None]
-    waiting[0] = 2  # two frames of other cameras wait: the due frame is deferred, once (every_n - 1 frames)
+    waiting[0] = DEFER_WAIT_MS  # other cameras' frames would keep it waiting that long: deferred, once (every_n - 1)
     assert [gate.decide(image) for _ in range(4)] == [SKIP_INTERVAL, SKIP_DEFERRED, None, SKIP_INTERVAL]
-    waiting[0] = 1  # one waiting frame is no queue
+    waiting[0] = DEFER_WAIT_MS - 1  # a shorter wait is no queue
     assert gate.decide(image) is None
-    slow = FrameGate(DetectConfig(every_n=2), backlog=lambda: 5)
+    slow = FrameGate(DetectConfig(every_n=2), wait_ms=lambda: 500.0)
     slow.reset(6.0)  # at 6 fps a gap of 3 frames would be 2 detections a second, below min_fps 3: no deferral
     assert [slow.decide(image) for _ in range(5)] == [None, SKIP_INTERVAL, None, SKIP_INTERVAL, None]
-    never = FrameGate(DetectConfig(every_n=2, defer_when_busy=False), backlog=lambda: 5)
+    never = FrameGate(DetectConfig(every_n=2, defer_when_busy=False), wait_ms=lambda: 500.0)
     never.reset(10.0)
     assert [never.decide(image) for _ in range(5)] == [None, SKIP_INTERVAL, None, SKIP_INTERVAL, None]
-    first = FrameGate(DetectConfig(every_n=2), backlog=lambda: 5)
+    first = FrameGate(DetectConfig(every_n=2), wait_ms=lambda: 500.0)
     assert first.decide(image) is None  # a stream's first frame is inferred, busy or not
 
 

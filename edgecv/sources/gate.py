@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # why a frame was not inferred
 SKIP_INTERVAL, SKIP_STATIC, SKIP_DISABLED, SKIP_DEFERRED = "interval", "static", "disabled", "deferred"
 SKIP_REASONS = (SKIP_INTERVAL, SKIP_STATIC, SKIP_DISABLED, SKIP_DEFERRED)
-DEFER_BACKLOG = 2  # frames waiting for inference (other cameras') at which a due frame is deferred
+DEFER_WAIT_MS = 30.0  # a due frame is deferred when the other cameras' frames waiting for inference would take this
 MOVING_PX = 1.0  # a tracked object moving faster (source pixels per frame) keeps the motion gate open
 
 
@@ -97,10 +97,10 @@ class FrameGate:
     """
 
     def __init__(self, cfg: DetectConfig, track_speed: Callable[[], float] = lambda: 0.0,
-                 name: str = "camera", backlog: Callable[[], int] = lambda: 0) -> None:
+                 name: str = "camera", wait_ms: Callable[[], float] = lambda: 0.0) -> None:
         self.cfg = cfg
         self.track_speed = track_speed
-        self.backlog = backlog
+        self.wait_ms = wait_ms
         self.name = name
         self.every_n = cfg.every_n  # as applied: ``cfg.every_n`` limited by ``min_fps`` (``set_fps``)
         self.latest = cfg.every_n  # frames since the last inferred one by which the next is inferred, deferred or not
@@ -157,7 +157,7 @@ class FrameGate:
         if not self._fresh:
             if self._since < self.every_n:
                 return SKIP_INTERVAL
-            if self._since < self.latest and self.backlog() >= DEFER_BACKLOG:
+            if self._since < self.latest and self.wait_ms() >= DEFER_WAIT_MS:
                 return SKIP_DEFERRED
             if self.motion is not None and not self._moved and self.track_speed() <= MOVING_PX:
                 return SKIP_STATIC

@@ -39,7 +39,8 @@ def describe(image: np.ndarray, boxes: np.ndarray,
     those are tried).
 
     Each cell is the mean of ``SAMPLES`` x ``SAMPLES`` pixels spread over it, read for every box at once (one
-    gather, one colour conversion): no per-box resize.
+    gather, then the averaging and the colour conversion as two small matrix products): no per-box resize. A grey
+    image (2-D) reads as BGR with three equal channels; a fourth channel (alpha) is ignored.
     """
     n = len(boxes)
     out = np.zeros((n, SIZE), np.float32)
@@ -64,7 +65,9 @@ def describe(image: np.ndarray, boxes: np.ndarray,
         return out, valid
     xs = np.minimum((x0[rows, None] + _FX[None, :] * (x1 - x0)[rows, None]).astype(np.intp), w - 1)  # (K, across)
     ys = np.minimum((y0[rows, None] + _FY[None, :] * (y1 - y0)[rows, None]).astype(np.intp), h - 1)  # (K, down)
-    pixels = image[ys[:, :, None], xs[:, None, :]].reshape(len(rows), len(_FY), -1).astype(np.float32)
+    pixels = image[ys[:, :, None], xs[:, None, :]]  # (K, down, across[, channels])
+    pixels = np.repeat(pixels[..., None], 3, axis=-1) if pixels.ndim == 3 else pixels[..., :3]
+    pixels = pixels.reshape(len(rows), len(_FY), -1).astype(np.float32)
     out[rows] = (_DOWN @ pixels @ _ACROSS).reshape(len(rows), SIZE)  # cell means, in YCrCb
     valid[rows] = True
     return out, valid
