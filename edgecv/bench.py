@@ -276,7 +276,8 @@ def _tracker_rows(n: int, images: list[np.ndarray], video: Optional[Path],
     for objects in (10, 50):
         ms = bench_tracker(objects, len(images), images=images, motion_compensation="sparse_flow",
                            appearance_weight=weight, progress=progress)
-        rows.append((f"tracker + appearance + sparse_flow, {objects} objects", f"{ms:.3f} ms per frame (median, {where})"))
+        rows.append((f"tracker + appearance + sparse_flow, {objects} objects",
+                     f"{ms:.3f} ms per frame (median, {where})"))
     return rows
 
 

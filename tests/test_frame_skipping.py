@@ -21,8 +21,16 @@ from edgecv.config import ConfigError, DetectConfig, parse
 from edgecv.models import MAX_WAITING_SKIPS, Prepared, load_models, merge_skipped
 from edgecv.pipeline import Pipeline
 from edgecv.sources.base import FrameSlot
-from edgecv.sources.gate import (DEFER_WAIT_MS, MOVING_PX, SKIP_DEFERRED, SKIP_DISABLED, SKIP_INTERVAL, SKIP_STATIC, FrameGate,
-                                 MotionDetector)
+from edgecv.sources.gate import (
+    DEFER_WAIT_MS,
+    MOVING_PX,
+    SKIP_DEFERRED,
+    SKIP_DISABLED,
+    SKIP_INTERVAL,
+    SKIP_STATIC,
+    FrameGate,
+    MotionDetector,
+)
 from edgecv.track import OfflineRun, run_offline, with_detect
 from edgecv.tracking.bytetrack import ByteTracker, TrackerConfig
 from edgecv.types import Detections, Event, Frame
