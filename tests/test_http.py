@@ -28,6 +28,8 @@ from broker import Mosquitto, Subscriber, free_port, wait_until
 from conftest import ASSETS, edgecv_env
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgecv.sources.gate import SKIP_REASONS
+
 pytestmark = pytest.mark.integration
 
 STREET = {"zones": {"plaza": {"polygon": [[440, 190], [680, 190], [740, 330], [440, 330]]}},
@@ -186,6 +188,8 @@ def test_metrics_count_frames_inference_and_build(live):
     for name in ("edgecv_frames_read_total", "edgecv_frames_processed_total", "edgecv_frames_inferred_total"):
         assert sample(second, name, camera="street") > sample(first, name, camera="street"), name
     assert sample(second, "edgecv_frames_dropped_total", camera="street") >= 0
+    for reason in SKIP_REASONS:  # every frame is inferred here (no detect section): each reason is there, at 0
+        assert sample(second, "edgecv_frames_skipped_total", camera="street", reason=reason) == 0, reason
     assert sample(second, "edgecv_source_up", camera="street") == 1
     assert sample(second, "edgecv_source_reconnects_total", camera="street") == 0
     # the inference histogram has a sample per inferred frame, in seconds, its buckets cumulative

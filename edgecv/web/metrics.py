@@ -78,7 +78,12 @@ class PipelineCollector:
         up = GaugeMetricFamily("edgecv_source_up", "1 while the camera's source is streaming, else 0",
                                labels=["camera"])
         events = CounterMetricFamily("edgecv_events", "Events emitted", labels=["camera", "type"])
+        skipped = CounterMetricFamily("edgecv_frames_skipped", "Frames the detector did not run on, by reason "
+                                      "(interval: every_n; static: the motion gate; disabled: detection switched "
+                                      "off; deferred: the detector was busy)", labels=["camera", "reason"])
         for name, w in p.workers.items():
+            for reason, n in w.frames_skipped_by.items():
+                skipped.add_metric([name, reason], n)
             s = p.sources[name]
             values = {"frames_read": s.stats.read, "frames_processed": w.processed, "frames_dropped": s.slot.dropped,
                       "frames_inferred": w.frames_inferred, "frames_failed": w.frames_failed,
@@ -89,6 +94,7 @@ class PipelineCollector:
             for kind, n in sorted(dict(w.events_by_type).items()):
                 events.add_metric([name, kind], n)
         yield from counters.values()
+        yield skipped
         yield up
         yield events
 
