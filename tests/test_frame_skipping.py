@@ -8,7 +8,7 @@ import sys
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import cv2
 import numpy as np
@@ -339,19 +339,25 @@ def test_every_third_frame_keeps_ids_and_events(vtest: Path) -> None:
             assert e.object.bbox == pytest.approx(rec.tracks[e.frame][e.object.track_id], abs=1e-3), e
 
 
-@pytest.fixture(scope="module")
-def slow_clip(vtest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """vtest's first 40 frames as a 4 fps clip (a slow camera)."""
+def write_clip(vtest: Path, path: Path, fps: float, order: Callable[[list[np.ndarray]], list[np.ndarray]],
+               frames: int) -> Path:
+    """An MJPEG clip at ``fps`` of vtest's first ``frames`` frames, arranged by ``order`` (MJPEG: every repeat of a
+    frame decodes to the very same pixels)."""
     cap = cv2.VideoCapture(str(vtest))
-    frames = [cap.read()[1] for _ in range(40)]
+    images = [cap.read()[1] for _ in range(frames)]
     cap.release()
-    path = tmp_path_factory.mktemp("slow") / "slow.avi"
-    h, w = frames[0].shape[:2]
-    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 4.0, (w, h))
-    for image in frames:
+    h, w = images[0].shape[:2]
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    for image in order(images):
         out.write(image)
     out.release()
     return path
+
+
+@pytest.fixture(scope="module")
+def slow_clip(vtest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vtest's first 40 frames as a 4 fps clip (a slow camera)."""
+    return write_clip(vtest, tmp_path_factory.mktemp("slow") / "slow.avi", 4.0, list, 40)
 
 
 def test_every_n_on_a_slow_camera_runs_the_detector_min_fps_times_a_second(
@@ -377,18 +383,9 @@ MOVE, STILL = 30, 60  # frames of street, then its last frame held, then the str
 
 @pytest.fixture(scope="module")
 def still_clip(vtest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """vtest's first MOVE frames, its MOVE-th frame STILL times more, then the next MOVE frames (MJPEG: every
-    repeat decodes to the very same pixels)."""
-    cap = cv2.VideoCapture(str(vtest))
-    frames = [cap.read()[1] for _ in range(2 * MOVE)]
-    cap.release()
-    path = tmp_path_factory.mktemp("still") / "still.avi"
-    h, w = frames[0].shape[:2]
-    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (w, h))
-    for image in frames[:MOVE] + [frames[MOVE - 1]] * STILL + frames[MOVE:]:
-        out.write(image)
-    out.release()
-    return path
+    """vtest's first MOVE frames, its MOVE-th frame STILL times more, then the next MOVE frames."""
+    return write_clip(vtest, tmp_path_factory.mktemp("still") / "still.avi", 10.0,
+                      lambda f: f[:MOVE] + [f[MOVE - 1]] * STILL + f[MOVE:], 2 * MOVE)
 
 
 @pytest.mark.integration

@@ -125,18 +125,16 @@ class FrameGate:
     def set_fps(self, fps: float) -> None:
         """The source's frame rate (known once it opened): ``every_n`` is lowered so that the detector still runs
         ``min_fps`` times a second; logged once when that changes it."""
-        n = self.cfg.every_n
-        if self.cfg.min_fps > 0 and fps > 0:
-            n = min(n, max(1, int(fps / self.cfg.min_fps + 1e-9)))
+        # the largest gap, in frames, that keeps min_fps (None: no bound, or the rate is not known)
+        bound = max(1, int(fps / self.cfg.min_fps + 1e-9)) if self.cfg.min_fps > 0 and fps > 0 else None
+        n = self.cfg.every_n if bound is None else min(self.cfg.every_n, bound)
         if n != self.every_n and n < self.cfg.every_n:
             log.warning("%s: detect.every_n %d at %.3g fps would run the detector %.3g times a second, below "
                         "detect.min_fps %g: running it on %s", self.name, self.cfg.every_n, fps,
                         fps / self.cfg.every_n, self.cfg.min_fps, f"one frame in {n}" if n > 1 else "every frame")
         self.every_n = n
         latest = 2 * n - 1 if self.cfg.defer_when_busy else n
-        if self.cfg.min_fps > 0 and fps > 0:
-            latest = min(latest, max(n, int(fps / self.cfg.min_fps + 1e-9)))
-        self.latest = latest
+        self.latest = latest if bound is None else min(latest, max(n, bound))
 
     def reset(self, fps: float = 0.0) -> None:
         """The source (re)opened at ``fps`` (0: not known): its next frame is inferred, the motion background
