@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pty
+import signal
 import subprocess
 import sys
 import threading
@@ -53,6 +54,19 @@ def edgecv_env(assets: Path, tmp_path: Path, **extra: str) -> dict:
     env.update({"EDGECV_ASSETS": str(assets), "EDGECV_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
+
+
+def terminate(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to ``proc`` (still running), then wait up to ``timeout`` s for it (``TimeoutExpired`` raised as
+    ``wait`` raises it); killed in any case if it still runs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def progress_lines(stderr: str, prefix: str) -> list[str]:

@@ -10,7 +10,6 @@ RECOVERY_BOUND_S of the server accepting connections, with no growth in the daem
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from typing import Optional
 import pytest
 import yaml
 from broker import free_port
-from conftest import edgecv_env
+from conftest import edgecv_env, terminate
 from rtsp_server import SYSTEM_PYTHON, RtspServer
 
 from edgecv.soak import proc_sample
@@ -156,13 +155,9 @@ def test_rtsp_camera_recovers_from_repeated_server_cuts(assets, vtest, tmp_path,
             samples.append(steady_sample(proc.pid))
         print("threads, fds per steady state:", samples)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(20)
+            terminate(proc, 20)
         finally:
-            if proc.poll() is None:
-                proc.kill()
             server.kill()
     log = watch.text()
     assert proc.returncode == 0, log

@@ -23,7 +23,7 @@ import cv2
 import pytest
 import yaml
 from broker import free_port
-from conftest import REPO, StderrLog, edgecv_env, on_a_terminal, progress_lines
+from conftest import REPO, StderrLog, edgecv_env, on_a_terminal, progress_lines, terminate
 
 from edgecv import assets as assets_mod
 from edgecv.service import unit_text
@@ -299,13 +299,9 @@ def test_watchdog_pings_stop_when_the_capture_read_blocks(assets, tmp_path):
         assert code == 503 and any("camera pipe: capture blocked in one read" in p for p in problems), problems
     finally:
         release.set()
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(30)
+            terminate(proc, 30)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
             notify.close()
 
 
