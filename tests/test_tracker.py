@@ -142,6 +142,42 @@ def test_kalman_multi_step_predict_equals_repeated_single_steps() -> None:
     np.testing.assert_allclose(jump_mean[:, :2], mean[:, :2] + 5 * mean[:, 4:6])
 
 
+def test_kalman_matches_the_textbook_equations() -> None:
+    """predict and update (cached transition and noise, K S K^T folded into K H P) equal the plain matrix
+    equations, written out here per track: x' = F x, P' = F P F^T + Q; K = P H^T S^-1, S = H P H^T + R."""
+    kf = BoxKalmanFilter(std_weight_position=1.0 / 40, std_weight_velocity=1.0 / 160)
+    rng = np.random.default_rng(3)
+    mean, cov = kf.initiate(np.array([[100.0, 200.0, 0.5, 80.0], [300.0, 50.0, 0.4, 40.0], [30.0, 60.0, 0.7, 20.0]]))
+    mean[:, 4:] = rng.normal(0.0, 2.0, (3, 4))
+    h_sel = np.hstack([np.eye(4), np.zeros((4, 4))])
+    for steps in (1, 1, 3):
+        f = np.eye(8)
+        f[:4, 4:] = steps * np.eye(4)
+        got_mean, got_cov = kf.predict(mean, cov, steps)
+        for i in range(3):
+            h = mean[i, 3]
+            q_pos = np.array([h / 40, h / 40, 1e-2, h / 40]) ** 2
+            q_vel = np.array([h / 160, h / 160, 1e-5, h / 160]) ** 2
+            # the noise of k frames: each frame's Q1, carried by the frames after it: sum over j < k of F1^j Q1 F1^j^T
+            q1 = np.diag(np.concatenate([q_pos, q_vel]))
+            f1 = np.eye(8)
+            f1[:4, 4:] = np.eye(4)
+            q = sum(np.linalg.matrix_power(f1, j) @ q1 @ np.linalg.matrix_power(f1, j).T for j in range(steps))
+            np.testing.assert_allclose(got_mean[i], f @ mean[i], rtol=1e-12)
+            np.testing.assert_allclose(got_cov[i], f @ cov[i] @ f.T + q, rtol=1e-10, atol=1e-12)
+        mean, cov = got_mean, got_cov
+        z = mean[:, :4] + rng.normal(0.0, 3.0, (3, 4))
+        got_mean, got_cov = kf.update(mean, cov, z)
+        for i in range(3):
+            h = mean[i, 3]
+            r = np.diag(np.array([h / 40, h / 40, 1e-1, h / 40]) ** 2)
+            s = h_sel @ cov[i] @ h_sel.T + r
+            k = cov[i] @ h_sel.T @ np.linalg.inv(s)
+            np.testing.assert_allclose(got_mean[i], mean[i] + k @ (z[i] - h_sel @ mean[i]), rtol=1e-10)
+            np.testing.assert_allclose(got_cov[i], cov[i] - k @ s @ k.T, rtol=1e-8, atol=1e-9)
+        mean, cov = got_mean, got_cov
+
+
 def test_kalman_learns_velocity_and_shrinks_uncertainty() -> None:
     kf = BoxKalmanFilter()
     rng = np.random.default_rng(1)

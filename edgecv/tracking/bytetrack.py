@@ -395,17 +395,16 @@ class ByteTracker:
         np.fill_diagonal(iou, 0.0)
         self._feat_clean = self._feat_ok & (iou.max(axis=1) <= appearance.OVERLAP)
 
-    def _appearance_cost(self, pool: np.ndarray, candidates: np.ndarray) -> Optional[np.ndarray]:
-        """(len(pool), len(candidates)) appearance distances of tracks and detections; 0 where either has no
-        descriptor. None when this call has no descriptors."""
+    def _appearance_cost(self, n_dets: int) -> Optional[np.ndarray]:
+        """(tracks, ``n_dets``) appearance distances of every track and this call's detections; 0 where either has
+        no descriptor. None when this call has no descriptors."""
         if self._feats is None:
             return None
-        known = [self._tracks[i].feature for i in pool.tolist()]
-        has = np.array([f is not None for f in known], bool)
-        d = np.zeros((len(pool), len(candidates)), np.float32)
-        if has.any():
-            d[has] = appearance.distance(np.stack([f for f in known if f is not None]), self._feats[candidates])
-        d[:, ~self._feat_ok[candidates]] = 0.0
+        has = [i for i, t in enumerate(self._tracks) if t.feature is not None]
+        d = np.zeros((len(self._tracks), n_dets), np.float32)
+        if has:
+            d[has] = appearance.distance(np.stack([self._tracks[i].feature for i in has]), self._feats)
+        d[:, ~self._feat_ok] = 0.0
         return d
 
     def max_speed(self) -> float:
@@ -469,7 +468,6 @@ class ByteTracker:
         low = np.flatnonzero(usable & (score < cfg.track_thresh))
 
         tracks = self._tracks
-        track_class = np.array([t.class_id for t in tracks], dtype=np.int64)
         # A track that missed more than the buffer before this frame (the caller
         # skipped frames) cannot be recovered; it is retired as unmatched.
         confirmed = np.array(
@@ -478,28 +476,35 @@ class ByteTracker:
             dtype=np.intp,
         )
         tentative = np.array([i for i, t in enumerate(tracks) if t.state is _State.TENTATIVE], dtype=np.intp)
+        if not len(tracks) or not len(high) + len(low):
+            return confirmed[:0], high[:0], high
 
-        def match(pool: np.ndarray, candidates: np.ndarray, limit: float, fuse: bool, app: bool = True) -> _Matches:
+        # Every stage's costs, for all tracks and detections at once; each stage takes its rows and columns.
+        # (an unusable detection, never a candidate, is read as an empty box: no NaN, no warning)
+        plain = 1.0 - box_iou(track_boxes, np.where(usable[:, None], xyxy, 0.0))  # (tracks, detections)
+        cost = 1.0 - (1.0 - plain) * np.where(usable, score, 1.0)[None, :] if cfg.fuse_score else plain
+        if not cfg.class_agnostic:
+            other = np.array([t.class_id for t in tracks], dtype=np.int64)[:, None] != det_class[None, :]
+            plain[other] = np.inf
+            cost[other] = np.inf  # (the same array as plain without fuse_score)
+        limit = cfg.match_thresh
+        d = self._appearance_cost(len(xyxy))
+        if d is not None:  # the IoU gate decides which pairs may match, appearance which of them do
+            cost = np.where(cost < limit, cost + cfg.appearance_weight * d, np.inf)
+            limit += cfg.appearance_weight
+
+        def match(costs: np.ndarray, pool: np.ndarray, candidates: np.ndarray, gate: float) -> _Matches:
             if not len(pool) or not len(candidates):
                 return _Matches(pool[:0], candidates[:0], pool, candidates)
-            cost = 1.0 - box_iou(track_boxes[pool], xyxy[candidates])
-            if fuse:
-                cost = 1.0 - (1.0 - cost) * score[candidates][None, :]
-            if not cfg.class_agnostic:
-                cost[track_class[pool][:, None] != det_class[candidates][None, :]] = np.inf
-            d = self._appearance_cost(pool, candidates) if app else None
-            if d is not None:  # the IoU gate decides which pairs may match, appearance which of them do
-                cost = np.where(cost < limit, cost + cfg.appearance_weight * d, np.inf)
-                limit = limit + cfg.appearance_weight
-            rows, cols = _assign(cost, limit)
+            rows, cols = _assign(costs[np.ix_(pool, candidates)], gate)
             return _Matches(pool[rows], candidates[cols], _without(pool, rows), _without(candidates, cols))
 
-        first = match(confirmed, high, cfg.match_thresh, cfg.fuse_score)
+        first = match(cost, confirmed, high, limit)
         still_tracked = np.array(
             [i for i in first.unmatched_tracks if tracks[i].state is _State.TRACKED], dtype=np.intp
         )
-        second = match(still_tracked, low, cfg.low_match_thresh, False, app=False)  # a weak box: often occluded
-        third = match(tentative, first.unmatched_dets, cfg.match_thresh, cfg.fuse_score)
+        second = match(plain, still_tracked, low, cfg.low_match_thresh)  # plain IoU: a weak box is often occluded
+        third = match(cost, tentative, first.unmatched_dets, limit)
         track_idx = np.concatenate([first.tracks, second.tracks, third.tracks])
         det_idx = np.concatenate([first.dets, second.dets, third.dets])
         return track_idx, det_idx, third.unmatched_dets

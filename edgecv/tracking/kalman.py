@@ -13,10 +13,43 @@ few numpy calls instead of one Python call per track.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 _MIN_HEIGHT = 1e-3  # floor for degenerate boxes, so the aspect ratio stays finite
+_ASPECT_STD = (1e-2, 1e-5)  # process noise of the aspect ratio and its velocity (fixed: it changes slowly)
+_R_H2 = np.diag([1.0, 1.0, 0.0, 1.0]).reshape(16)  # measurement noise: which entries scale with the height squared
+_R_0 = np.diag([0.0, 0.0, 1e-2, 0.0]).reshape(16)  # and the aspect ratio's fixed one (0.1^2)
+
+
+@lru_cache(maxsize=32)
+def _prediction(weight_position: float, weight_velocity: float,
+                k: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What a ``k``-frame prediction needs: the transition F, F^T, and the process noise summed over the ``k``
+    frames as ``h^2 * noise_h2 + noise_0`` (8x8 each) for a box of height ``h``.
+
+    One frame adds ``q_pos`` to the positions and ``q_vel`` to the velocities; over ``k`` frames the velocity
+    noise of frame ``j`` (j < k) leaks ``j`` times into the position: sum j and sum j^2 weigh it.
+    """
+    transition = np.eye(8)
+    transition[:4, 4:] = k * np.eye(4)
+    sum_j = k * (k - 1) / 2
+    sum_j2 = (k - 1) * k * (2 * k - 1) / 6
+    by_height = np.array([1.0, 1.0, 0.0, 1.0])  # cx, cy and h scale with the height, the aspect ratio does not
+    fixed = np.array([0.0, 0.0, 1.0, 0.0])
+    noise = []
+    for q_pos, q_vel in ((weight_position**2 * by_height, weight_velocity**2 * by_height),
+                         (_ASPECT_STD[0] ** 2 * fixed, _ASPECT_STD[1] ** 2 * fixed)):
+        q = np.zeros((8, 8))
+        q[:4, :4] = np.diag(k * q_pos + sum_j2 * q_vel)
+        q[:4, 4:] = q[4:, :4] = np.diag(sum_j * q_vel)
+        q[4:, 4:] = np.diag(k * q_vel)
+        noise.append(q)
+    arrays = (transition, transition.T.copy(), *noise)
+    for a in arrays:
+        a.setflags(write=False)  # shared by every call with the same k
+    return arrays
 
 
 def xyxy_to_xyah(xyxy: np.ndarray) -> np.ndarray:
@@ -57,7 +90,7 @@ class BoxKalmanFilter:
     def _velocity_std(self, h: np.ndarray, scale: float = 1.0) -> np.ndarray:
         """(N, 4) standard deviations of the velocities for heights ``h``."""
         s = scale * self.std_weight_velocity * h
-        return np.stack([s, s, np.full_like(h, 1e-5), s], axis=1)
+        return np.stack([s, s, np.full_like(h, _ASPECT_STD[1]), s], axis=1)
 
     def initiate(self, measurement: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Start tracks at ``(N, 4)`` measured boxes with zero velocity.
@@ -69,7 +102,7 @@ class BoxKalmanFilter:
         n = len(measurement)
         mean = np.concatenate([measurement, np.zeros((n, 4))], axis=1)
         h = measurement[:, 3]
-        std = np.concatenate([self._position_std(h, 1e-2, 2.0), self._velocity_std(h, 10.0)], axis=1)
+        std = np.concatenate([self._position_std(h, _ASPECT_STD[0], 2.0), self._velocity_std(h, 10.0)], axis=1)
         cov = np.zeros((n, 8, 8))
         idx = np.arange(8)
         cov[:, idx, idx] = std**2
@@ -84,39 +117,27 @@ class BoxKalmanFilter:
         """
         if steps < 1:
             raise ValueError(f"steps: expected >= 1, got {steps}")
-        k = float(steps)
-        transition = np.eye(8)
-        transition[:4, 4:] = k * np.eye(4)
-        new_mean = mean @ transition.T
-        new_cov = transition @ cov @ transition.T
-
+        transition, transition_t, noise_h2, noise_0 = _prediction(self.std_weight_position, self.std_weight_velocity,
+                                                                  float(steps))
         h = mean[:, 3]
-        q_pos = self._position_std(h, 1e-2) ** 2
-        q_vel = self._velocity_std(h) ** 2
-        sum_j = k * (k - 1) / 2  # sum over j < k of j: how velocity noise leaks into position
-        sum_j2 = (k - 1) * k * (2 * k - 1) / 6  # sum over j < k of j**2
-        idx = np.arange(4)
-        new_cov[:, idx, idx] += k * q_pos + sum_j2 * q_vel
-        new_cov[:, idx, idx + 4] += sum_j * q_vel
-        new_cov[:, idx + 4, idx] += sum_j * q_vel
-        new_cov[:, idx + 4, idx + 4] += k * q_vel
-        return new_mean, new_cov
+        new_cov = transition @ cov @ transition_t
+        new_cov += (h * h)[:, None, None] * noise_h2 + noise_0
+        return mean @ transition_t, new_cov
 
     def update(
         self, mean: np.ndarray, cov: np.ndarray, measurement: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Correct ``(N, 8)`` states with ``(N, 4)`` measured boxes; returns new arrays."""
         measurement = np.asarray(measurement, dtype=np.float64).reshape(-1, 4)
-        r = self._position_std(mean[:, 3], 1e-1) ** 2
-        idx = np.arange(4)
-        innovation_cov = cov[:, :4, :4].copy()
-        innovation_cov[:, idx, idx] += r
+        # S = H P H^T + R, R: (std_weight_position * h)^2 for cx, cy and h, 0.1^2 for the aspect ratio
+        r = (self.std_weight_position * mean[:, 3]) ** 2
+        innovation_cov = cov[:, :4, :4] + (r[:, None] * _R_H2 + _R_0).reshape(-1, 4, 4)
         # Kalman gain K = P H^T S^-1; with H selecting the first four components,
-        # K^T = S^-1 (H P) because P and S are symmetric.
-        gain = np.linalg.solve(innovation_cov, cov[:, :4, :]).transpose(0, 2, 1)
-        innovation = measurement - mean[:, :4]
-        new_mean = mean + np.einsum("nij,nj->ni", gain, innovation)
-        new_cov = cov - gain @ innovation_cov @ gain.transpose(0, 2, 1)
+        # K^T = S^-1 (H P) because P and S are symmetric, and K S K^T = K (H P).
+        gain_t = np.linalg.solve(innovation_cov, cov[:, :4, :])
+        innovation = (measurement - mean[:, :4])[:, None, :]
+        new_mean = mean + (innovation @ gain_t)[:, 0]
+        new_cov = cov - cov[:, :, :4] @ gain_t
         return new_mean, new_cov
 
     @staticmethod
