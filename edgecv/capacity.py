@@ -42,8 +42,8 @@ import paho.mqtt.client as mqtt
 from . import EdgecvError, assets
 from .config import ConfigError, parse
 from .daemon import Daemon
-from .engine.backend import default_threads
-from .engine.bench import bench_model
+from .engine.backend import default_threads, parallel_limit
+from .engine.bench import bench_model, bench_parallel
 from .engine.registry import build_detector
 from .evaluation.variants import read_frames
 from .progress import Progress
@@ -195,6 +195,7 @@ class Setup:
     every_n: Optional[int] = None
     motion_gate: bool = False
     threads: Optional[int] = None
+    parallel: Optional[int] = None  # model.parallel (None: auto)
     defer: bool = True  # detect.defer_when_busy (with every_n above 1)
     port: Optional[int] = None  # the broker's (None: MQTT off)
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
@@ -224,6 +225,8 @@ class Setup:
         model: dict[str, Any] = {"path": str(self.model), "conf": 0.35, "classes": ["person"]}
         if self.threads:
             model["threads"] = self.threads
+        if self.parallel:
+            model["parallel"] = self.parallel
         return {"node_id": node, "log_level": "warning", "mqtt": mqtt_section, "console": {"enabled": False},
                 "model": model, "cameras": {f"cam{i + 1}": self.camera() for i in range(cameras)}}
 
@@ -253,7 +256,7 @@ def make_setup(args: argparse.Namespace, workdir: Path) -> Setup:
         raise EdgecvError(f"--every-n: expected a positive number, got {every_n}")
     return Setup(model, video, video_fps, (image.shape[1], image.shape[0]), min(args.fps, video_fps), every_n,
                  bool(getattr(args, "motion_gate", False)), args.threads, workdir=workdir,
-                 defer=not getattr(args, "no_defer", False))
+                 defer=not getattr(args, "no_defer", False), parallel=getattr(args, "parallel", None))
 
 
 # ---- one run of the daemon
@@ -342,12 +345,24 @@ def run_window(setup: Setup, node: str, cameras: int, warmup_s: float, duration_
     return Window(out["seconds"], _deltas(out["first"], out["last"]), out["last"], events, out["cpu"])
 
 
-def model_only(setup: Setup, runs: int) -> dict[str, Any]:
-    """Inference on a pre-made input (engine.bench.bench_model, ``runs`` timed) on the video's first frame."""
+def model_only(setup: Setup, runs: int, at_once: bool = True) -> dict[str, Any]:
+    """Inference on a pre-made input (engine.bench.bench_model, ``runs`` timed) on the video's first frame; with
+    the daemon inferring several frames at once (``model.parallel``), also the frames per second of that many
+    at once (``parallel_fps``, ``lanes``; not with ``at_once`` False). ``fps``: the larger, what the model alone
+    serves on this machine."""
     first = read_frames(setup.video, 1)
+    image = first[0] if first else None
     detector = build_detector(setup.model, threads=setup.threads)
     with Progress("model only", unit="runs") as progress:
-        return bench_model(detector, n=runs, image=first[0] if first else None, progress=progress)
+        infer = bench_model(detector, n=runs, image=image, progress=progress)
+    infer["lanes"] = lanes = parallel_limit(detector.backend, setup.parallel or "auto")
+    infer["fps"] = infer["infer_fps"]
+    if lanes > 1 and at_once:
+        with Progress(f"model only, {lanes} at once", unit="runs") as progress:
+            infer["parallel_fps"] = round(bench_parallel(detector, lanes, n=max(runs, 2 * lanes), image=image,
+                                                         progress=progress), 1)
+        infer["fps"] = max(infer["fps"], infer["parallel_fps"])
+    return infer
 
 
 # ---- capacity
@@ -429,16 +444,22 @@ def _durations(args: argparse.Namespace) -> tuple[float, float]:
     return warmup, duration
 
 
+def _model_line(setup: Setup, infer: dict[str, Any]) -> str:
+    """The model-only figures and L (from the larger: one at a time or ``lanes`` at once)."""
+    lanes = infer.get("lanes", 1)
+    at_once = f", {infer['parallel_fps']:.1f} fps {lanes} at once (model.parallel)" if lanes > 1 else ""
+    return (f"model only: {infer['infer_ms']:.2f} ms median = {1000.0 / infer['infer_ms']:.1f} fps one at a time"
+            f"{at_once} ({infer['backend']}, {infer['device']}, threads {setup.threads or f'auto ({default_threads()})'}); "
+            f"L = model-only fps / {setup.fps:g} = {infer['fps'] / setup.fps:.1f} cameras")
+
+
 def _capacity_header(setup: Setup, infer: dict[str, Any], broker: Optional[LocalBroker], per_n: float) -> str:
-    model_fps = 1000.0 / infer["infer_ms"]
     mode = [f"every_n {setup.every_n}"] if setup.every_n else []
     mode += ["motion gate on"] if setup.motion_gate else []
     return "\n".join([
         f"edgecv bench capacity: {setup.model.name} on {setup.video.name} {setup.frame_size[0]}x{setup.frame_size[1]}, "
         f"looping cameras at {setup.fps:g} fps" + (f" ({', '.join(mode)})" if mode else "") + f", {os.cpu_count()} cores",
-        f"model only: {infer['infer_ms']:.2f} ms median = {model_fps:.1f} fps ({infer['backend']}, {infer['device']}, "
-        f"threads {setup.threads or f'auto ({default_threads()})'}); L = model-only fps / {setup.fps:g} = {model_fps / setup.fps:.1f}"
-        " cameras",
+        _model_line(setup, infer),
         f"publish path: {'Mosquitto on 127.0.0.1:%d, QoS 1, spool on disk' % broker.port if broker else 'MQTT off (no mosquitto binary): event latency not measured'}",
         f"each count: {per_n:.0f} s warm-up, then the measured window; holds: every camera >= {MIN_RATE:.0%} of its "
         f"rate, drops <= {MAX_DROP_PCT:g} %, frame and event p99 <= {MAX_P99_MS:g} ms",
@@ -483,7 +504,7 @@ def bench_capacity(args: argparse.Namespace, stream: TextIO = sys.stdout) -> int
             if broker is not None:
                 broker.stop()
     print(grid(CAPACITY_COLUMNS, [_cells(r) for r in rows]), file=stream)
-    print(_verdict(rows, 1000.0 / infer["infer_ms"], setup.fps), file=stream, flush=True)
+    print(_verdict(rows, infer["fps"], setup.fps), file=stream, flush=True)
     return 0
 
 
@@ -528,7 +549,7 @@ def bench_latency(args: argparse.Namespace, stream: TextIO = sys.stdout) -> int:
         try:
             receiver = Receiver(broker.port)
             _say("model-only inference ...")
-            infer = model_only(setup, _runs(args))
+            infer = model_only(setup, _runs(args), at_once=False)
             _say(f"1 camera: {warmup:.0f} s warm-up, {duration:.0f} s measured")
             w = run_window(setup, "latency", 1, warmup, duration, receiver, "latency")
         finally:

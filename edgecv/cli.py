@@ -332,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="models/yolox_nano.onnx")
     b.add_argument("--video", default="media/vtest.avi")
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--parallel", type=int, default=None,
+                   help="capacity, latency: frames inferred at the same time (model.parallel; default auto)")
     b.add_argument("--frames", type=int, default=300, help="frames to run (batch: per batch size, at most 64)")
     b.add_argument("--batches", default="1,2,4,8", help="batch: batch sizes to time (default 1,2,4,8)")
     b.add_argument("--duration", type=float, default=None, help="soak: seconds to run (default 600); capacity, "

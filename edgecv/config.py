@@ -48,6 +48,7 @@ MAX_VERTICES = 1_000  # per polygon
 MAX_DEVICE_INDEX = 1023  # V4L2 device index (a camera index must fit the capture API's int)
 MAX_TOPIC_PREFIX = 256  # characters; MQTT allows topics of up to 65,535 bytes
 MAX_BATCH = 64  # model.batch: frames inferred together
+MAX_PARALLEL = 16  # model.parallel: frames inferred at the same time
 
 
 class ConfigError(Exception):
@@ -239,7 +240,7 @@ class DetectConfig(_Model):
                            "as 1): below about 3 detections a second the tracker loses walking people between them "
                            "(README, Skipping frames); logged once when it applies; 0: every_n as set")
     defer_when_busy: bool = Field(True, description="With every_n above 1: a frame due for the detector while "
-                                  "other cameras' frames already wait for it is skipped too, and the next one "
+                                  "other cameras' frames already waiting would keep it 100 ms or more is skipped too, and the next one "
                                   "inferred instead (at most every_n - 1 frames later, never below min_fps), so a "
                                   "burst of due frames does not queue up: latency stays bounded near capacity")
     motion_gate: MotionGateConfig = Field(MotionGateConfig(), description="Skip the detector while nothing moves")
@@ -411,6 +412,13 @@ class TensorRTBuild(_Model):
         return self
 
 
+def _auto_or_count(v: Any, most: int) -> Any:
+    """``auto`` or a number 1 to ``most``."""
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= most):
+        return v
+    raise ValueError(f"expected auto or a number 1 to {most}, got {v!r}")
+
+
 class ModelConfig(_Model):
     name: Optional[str] = Field(None, pattern=NAME_RE, description="Name in stats and messages (default: file name without extension)")
     path: str = Field(description="ONNX model (or TensorRT engine); relative paths also searched in EDGECV_ASSETS")
@@ -428,14 +436,21 @@ class ModelConfig(_Model):
         "auto", description="Most frames (of different cameras) inferred together: a number 1 to 64, or auto: 1 with "
         "ONNX Runtime on the CPU (batching measured not to pay there, README Batching), the engine's largest batch "
         "on a GPU; a model with a fixed batch runs its own (`edgecv model dynamic-batch` makes it dynamic)")
+    parallel: Union[Literal["auto"], int] = Field(
+        "auto", description="Most frames (of different cameras) inferred at the same time, each on a thread of its "
+        "own: a number 1 to 16, or auto: on the CPU the cores divided by `threads` (2 on 2 cores), 1 on a GPU "
+        "(its frames are batched instead) and with TensorRT; measured: README, Capacity")
     tensorrt: TensorRTBuild = Field(TensorRTBuild(), description="TensorRT engine build options")
 
     @field_validator("batch", mode="before")
     @classmethod
     def _batch(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_BATCH):
-            return v
-        raise ValueError(f"expected auto or a number 1 to {MAX_BATCH}, got {v!r}")
+        return _auto_or_count(v, MAX_BATCH)
+
+    @field_validator("parallel", mode="before")
+    @classmethod
+    def _parallel(cls, v: Any) -> Any:
+        return _auto_or_count(v, MAX_PARALLEL)
 
     @property
     def display_name(self) -> str:

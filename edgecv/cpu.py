@@ -44,7 +44,7 @@ def _role(name: str) -> str:
         return "capture"
     if name.startswith("worker-"):
         return "workers"
-    if name == "inference":
+    if name == "inference" or name.startswith("inference-"):
         return "inference"
     if name == "mqtt-sender" or name.startswith("paho-mqtt"):
         return "publish"

@@ -19,7 +19,7 @@ import numpy as np
 from . import EdgecvError
 from .config import Config, ConfigError, DrivingConfig, ModelConfig, resolve_path
 from .engine.adapters import Detector
-from .engine.backend import Staged, batch_limit
+from .engine.backend import Staged, batch_limit, parallel_limit
 from .engine.registry import Adapter, build_detector
 from .engine.segmentation import SemanticSegmenter
 from .types import Detections, Frame, SemanticMasks
@@ -76,8 +76,10 @@ class ModelSet:
     """The models run on every frame: one detector (first; its boxes are tracked) and any segmenters."""
 
     def __init__(self, detector: Detector, segmenters: Sequence[SemanticSegmenter] = (),
-                 names: Optional[Sequence[str]] = None, batch: Sequence[int | str] = ()) -> None:
-        """``batch``: each model's `batch` setting (ModelSet order; missing ones are ``auto``)."""
+                 names: Optional[Sequence[str]] = None, batch: Sequence[int | str] = (),
+                 parallel: Sequence[int | str] = ()) -> None:
+        """``batch``, ``parallel``: each model's `batch` and `parallel` settings (ModelSet order; missing ones are
+        ``auto``)."""
         self.detector = detector
         self.segmenters = list(segmenters)
         self.all: list[Adapter] = [detector, *self.segmenters]
@@ -87,6 +89,9 @@ class ModelSet:
         settings = [*batch, *["auto"] * (len(self.all) - len(batch))]
         self.batch = [batch_limit(m.backend, b) for m, b in zip(self.all, settings)]  # per model: frames per run
         self.max_batch = min(self.batch)  # the inference thread's chunk: frames of several cameras run together
+        settings = [*parallel, *["auto"] * (len(self.all) - len(parallel))]
+        # inference threads: chunks of different cameras inferred at the same time (every model must allow it)
+        self.parallel = min(parallel_limit(m.backend, p) for m, p in zip(self.all, settings))
 
     def prepare(self, frame: Frame) -> Prepared:
         """Every model's input for one frame (runs on the capture thread); a backend that makes its inputs on
@@ -141,7 +146,7 @@ def load_models(cfg: Config) -> ModelSet:
     order = [(det_key, det_cfg)] + [(k, m) for k, m, _ in segmenters]
     _warn_fixed_batch(built)
     return ModelSet(detector, [s for _, _, s in segmenters], names=[m.display_name for _, m in order],
-                    batch=[m.batch for _, m in order])
+                    batch=[m.batch for _, m in order], parallel=[m.parallel for _, m in order])
 
 
 def retuned(detector: Detector, m: ModelConfig) -> Detector:

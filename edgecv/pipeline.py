@@ -341,8 +341,14 @@ class CameraWorker:
 
 
 class InferenceWorker:
-    """The inference thread: takes ready frames from every camera, runs every model on them in batches,
-    hands each frame with all its models' outputs to its camera worker."""
+    """The inference threads: take ready frames from every camera, run every model on them in batches, hand each
+    frame with all its models' outputs to its camera worker.
+
+    ``models.parallel`` threads (lanes) infer at the same time. A round takes every ready frame out of the
+    cameras' slots at once (so a camera's next frame finds its slot free: it waits rather than replacing the one
+    taken); each lane takes the next chunk of the round (``models.max_batch`` frames) and starts a new round once
+    it is used up. A camera has at most one frame in a round or in inference, so its frames reach its worker in
+    the order they were read."""
 
     def __init__(self, models: ModelSet | Detector, workers: dict[str, CameraWorker], notify: threading.Event,
                  max_frames: Optional[int] = None, failure_limit: int = 50) -> None:
@@ -357,49 +363,73 @@ class InferenceWorker:
         self.batches: dict[int, int] = {}  # chunks inferred, by size (frames of several cameras run together)
         self._counts = {name: 0 for name in workers}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self.lanes = max(1, self.models.parallel)
+        # the first lane keeps the name "inference" (stats, CPU by role); the others are inference-2, -3...
+        self._threads = [threading.Thread(target=self._run, args=(i,), name="inference" + (f"-{i + 1}" if i else ""),
+                                          daemon=True) for i in range(self.lanes)]
+        self._lock = threading.Lock()  # the round, the cameras in it, counts and failures: shared by the lanes
+        self._round: list[tuple[CameraWorker, Prepared]] = []  # collected, not yet taken by a lane
+        self._taken: set[str] = set()  # cameras with a frame in the round or in inference
+        self._busy: dict[int, float] = {}  # lane -> monotonic time its chunk's inference began
         self.error: Optional[str] = None  # set when inference is given up (the pipeline has failed)
         self.failure_limit = failure_limit
         self.failures = 0  # frames whose inference failed
         self.failures_in_a_row = 0
         self._reported: set[str] = set()  # distinct failure messages logged so far
-        self.busy_since = 0.0  # monotonic time the running chunk's inference began (0: not inferring)
-        self._queued = 0  # frames collected in this round and not yet inferred (the one inferring included)
         self.frame_ms = 0.0  # one frame's inference, all models, moving average (weight 0.1 of the newest)
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
+
+    @property
+    def busy_since(self) -> float:
+        """When the longest-running inference now began (monotonic; 0.0: none running)."""
+        return min(tuple(self._busy.values()), default=0.0)
+
+    @property
+    def _queued(self) -> int:
+        """Frames collected and not yet inferred: in the round or in inference."""
+        return len(self._taken)
 
     def backlog(self, camera: str = "") -> int:
         """Frames waiting for inference now, but ``camera``'s own: collected and not yet inferred, or ready in
-        another camera's slot to be collected. Read from capture threads (``detect.defer_when_busy``): a snapshot,
-        no lock taken."""
-        return self._queued + sum(1 for n, w in self.workers.items() if n != camera and w.source.slot.ready)
+        another camera's slot to be collected (not a slot holding only frames the detector skips: they pass
+        straight through). Read from capture threads (``detect.defer_when_busy``): a snapshot, no lock taken."""
+        waiting = 0
+        for name, w in self.workers.items():
+            item = w.source.slot.peek() if name != camera else None
+            waiting += item is not None and getattr(item, "infer", True)
+        return self._queued + waiting
 
     def wait_ms(self, camera: str = "") -> float:
         """How long a frame of ``camera`` put now would wait for inference: the backlog times the recent time of
-        one frame's inference (a moving average)."""
-        return self.backlog(camera) * self.frame_ms
+        one frame's inference (a moving average), shared by the lanes."""
+        return self.backlog(camera) * self.frame_ms / self.lanes
 
     def stop(self) -> None:
         self._stop.set()
         self.notify.set()
 
     def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return any(t.is_alive() for t in self._threads)
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
 
     def _collect(self) -> list[tuple[CameraWorker, Prepared]]:
+        """A round: the frame ready in each camera's slot that has none in the previous round or in inference
+        (lock held)."""
         ready = []
         for name, w in self.workers.items():
-            if self.max_frames is not None and self._counts[name] >= self.max_frames:
+            if name in self._taken or (self.max_frames is not None and self._counts[name] >= self.max_frames):
                 continue
             item = w.source.slot.take()
             if item is None:
@@ -407,9 +437,18 @@ class InferenceWorker:
             self._pass_skipped(w, item.before)
             if item.infer:
                 ready.append((w, item))
+                self._taken.add(name)
             else:  # the detector skips it (sources.gate): straight to the worker
                 self._pass_skipped(w, [item])
         return ready
+
+    def _next_chunk(self) -> list[tuple[CameraWorker, Prepared]]:
+        """The next chunk of the round (a new round when it is used up); empty when no frame is ready."""
+        with self._lock:
+            if not self._round:
+                self._round = self._collect()
+            chunk, self._round = self._round[:self.models.max_batch], self._round[self.models.max_batch:]
+            return chunk
 
     def _pass_skipped(self, w: CameraWorker, items: Sequence[Prepared]) -> None:
         """Frames the detector skips, to their camera worker in order (its tracker predicts them)."""
@@ -444,28 +483,42 @@ class InferenceWorker:
     def _hand_over(self, items: Sequence[tuple[CameraWorker, Prepared]], per_model: list[list[np.ndarray]],
                    placements: list[list[Any]], began: float = 0.0) -> None:
         inferred = (began, time.monotonic())  # the batch's inference (latency budget)
-        self.batches[len(items)] = self.batches.get(len(items), 0) + 1
-        for i, (w, p) in enumerate(items):
-            self._counts[w.name] += 1
-            self.frames += 1
-            w.queue.put((p, [where[i] for where in placements], [[o[i:i + 1] for o in outputs] for outputs in per_model],
-                         inferred))
-            self._pass_skipped(w, p.after)
+        with self._lock:
+            self.batches[len(items)] = self.batches.get(len(items), 0) + 1
+            for i, (w, p) in enumerate(items):
+                self._counts[w.name] += 1
+                self.frames += 1
+                w.queue.put((p, [where[i] for where in placements],
+                             [[o[i:i + 1] for o in outputs] for outputs in per_model], inferred))
+                self._pass_skipped(w, p.after)
+                self._taken.discard(w.name)
 
-    def _run_chunk(self, items: Sequence[tuple[CameraWorker, Prepared]]) -> bool:
+    def _run_chunk(self, items: Sequence[tuple[CameraWorker, Prepared]], lane: int = 0) -> bool:
         """Infer a chunk and hand its frames on. When inference fails, a chunk of several frames is tried again
         one frame at a time (so a frame that breaks the model costs only itself); a frame that fails alone is
         dropped and counted, the failure logged once per distinct message. Returns False once inference has
         failed ``failure_limit`` frames in a row: the pipeline has failed."""
         try:
-            self.busy_since = began = time.monotonic()
+            self._busy[lane] = began = time.monotonic()
             per_model, placements = self._infer([p for _, p in items])
         except Exception as e:
             if len(items) > 1:
-                return all(self._run_chunk([item]) for item in items)
-            w, failed = items[0]
-            why = str(e) if isinstance(e, EdgecvError) else f"{type(e).__name__}: {e}"  # EdgecvError names the model
-            msg = f"inference failed: {' '.join(why.split())}"
+                return all(self._run_chunk([item], lane) for item in items)
+            return self._failed(items[0], e)
+        finally:
+            self._busy.pop(lane, None)
+        with self._lock:
+            self.failures_in_a_row = 0
+        self._hand_over(items, per_model, placements, began)
+        return True
+
+    def _failed(self, item: tuple[CameraWorker, Prepared], e: Exception) -> bool:
+        """One frame's inference failed: counted, dropped, logged once per message; False once ``failure_limit``
+        frames in a row have failed."""
+        w, failed = item
+        why = str(e) if isinstance(e, EdgecvError) else f"{type(e).__name__}: {e}"  # EdgecvError names the model
+        msg = f"inference failed: {' '.join(why.split())}"
+        with self._lock:
             if msg not in self._reported and len(self._reported) < 100:
                 self._reported.add(msg)
                 log.error("camera %s: %s (such frames are dropped and counted; this message is logged once)",
@@ -475,33 +528,25 @@ class InferenceWorker:
             self._counts[w.name] += 1
             w.frame_failed(msg)
             self._pass_skipped(w, failed.after)
+            self._taken.discard(w.name)
             if self.failures_in_a_row >= self.failure_limit:
-                self.error = f"inference failed on {self.failures_in_a_row} frames in a row: {msg}"
+                self.error = self.error or f"inference failed on {self.failures_in_a_row} frames in a row: {msg}"
                 log.error(self.error)
                 return False
-            return True
-        finally:
-            self.busy_since = 0.0
-        self.failures_in_a_row = 0
-        self._hand_over(items, per_model, placements, began)
         return True
 
-    def _run(self) -> None:
-        step = self.models.max_batch
+    def _run(self, lane: int = 0) -> None:
         try:
-            while True:
+            while not self.error:
                 self.notify.clear()  # before collecting: a frame put from now on sets it again, and is waited for
-                ready = self._collect()
-                if not ready:
+                chunk = self._next_chunk()
+                if not chunk:
                     if self._stop.is_set() or self._all_done():
                         return
                     self.notify.wait(0.05)
                     continue
-                for start in range(0, len(ready), step):
-                    self._queued = len(ready) - start
-                    if not self._run_chunk(ready[start:start + step]):
-                        return
-                self._queued = 0
+                if not self._run_chunk(chunk, lane):
+                    return
         except Exception as e:  # not an inference error: a defect; the pipeline has failed
             self.error = f"inference thread failed: {type(e).__name__}: {e}"
             log.exception(self.error)

@@ -47,6 +47,22 @@ def batch_limit(backend: "Backend", setting: int | str = "auto") -> int:
     return max(1, min(wanted, backend.max_batch))
 
 
+def parallel_limit(backend: "Backend", setting: int | str = "auto") -> int:
+    """How many frames a model may infer at the same time, each on a thread of its own (``model.parallel``): at
+    most ``setting`` (a number) or, for ``auto``, on the CPU the cores divided by the backend's intra-op threads
+    (on 2 cores with the default 1 thread: 2; one YOLOX-Nano inference does not get faster with a second thread,
+    two at once nearly double the frames per second: README, Capacity), 1 on a GPU (its frames are batched
+    instead). Always 1 for a backend that cannot run from several threads at once (TensorRT's one execution
+    context)."""
+    if not backend.concurrent:
+        return 1
+    if setting != "auto":
+        return max(1, int(setting))
+    if backend.device != "cpu":
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, backend.intra_threads))
+
+
 Preprocess = Callable[[np.ndarray], tuple[np.ndarray, Any]]
 """An adapter's CPU preprocessing: BGR frame -> (C, H, W) input tensor, placement (Letterbox, InputRegion)."""
 
@@ -83,6 +99,8 @@ class Backend(abc.ABC):
     output_shapes: list[tuple[int, ...]]  # as declared by the model; may hold -1
     metadata: dict[str, str]  # ONNX custom metadata map
     max_batch: int
+    concurrent = False  # whether ``infer`` may run on several threads at once
+    intra_threads = 1  # CPU threads one inference uses
 
     @abc.abstractmethod
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
@@ -142,6 +160,7 @@ class OnnxRuntimeBackend(Backend):
     """
 
     name = "onnxruntime"
+    concurrent = True  # ONNX Runtime's Run is thread-safe; with its own intra-op threads each run computes apart
 
     def __init__(
         self,
@@ -154,7 +173,8 @@ class OnnxRuntimeBackend(Backend):
         self.path = _check_model_file(Path(path))
         if threads is not None and threads < 1:
             raise EdgecvError(f"threads: expected a positive number or None, got {threads}")
-        self._session = _open_session(ort, self.path, threads, providers)
+        self.intra_threads = threads if threads is not None else default_threads()
+        self._session = _open_session(ort, self.path, self.intra_threads, providers)
         self._read_io()
         self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
         batch_dim = self.input_shape[0] if self.input_shape else 1

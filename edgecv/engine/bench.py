@@ -3,6 +3,7 @@ batch size (frames of several cameras inferred together)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -115,3 +116,38 @@ def bench_batch(backend: Backend, inputs: np.ndarray, sizes: Sequence[int], fram
     for row in rows:
         row["speedup"] = round(row["fps"] / rows[0]["fps"], 2)
     return rows
+
+
+def bench_parallel(detector: Detector, lanes: int, n: int = 100, image: Optional[np.ndarray] = None,
+                   progress: Optional[Progress] = None) -> float:
+    """Frames per second of ``backend.infer`` (batch 1) run by ``lanes`` threads at once, as the daemon's
+    inference threads do (``model.parallel``): ``n`` runs in all, split among them, after one warm-up run each.
+    ``image``: as for :func:`bench_model`."""
+    if lanes < 1 or n < lanes:
+        raise ValueError(f"bench_parallel: expected 1 <= lanes <= n, got lanes={lanes}, n={n}")
+    backend = detector.backend
+    if image is None:
+        image = np.random.default_rng(0).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+    inputs = detector.preprocess(image)[0][None]
+    if progress is not None:
+        progress.set_total(lanes + n)
+    start = threading.Barrier(lanes + 1)
+
+    def lane(runs: int) -> None:
+        backend.infer(inputs)
+        if progress is not None:
+            progress.update()
+        start.wait()
+        for _ in range(runs):
+            backend.infer(inputs)
+            if progress is not None:
+                progress.update()
+
+    threads = [threading.Thread(target=lane, args=(n // lanes + (i < n % lanes),), daemon=True) for i in range(lanes)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return n / (time.perf_counter() - t0)

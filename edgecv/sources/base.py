@@ -83,6 +83,10 @@ class FrameSlot:
                 self._cond.notify_all()
             return f
 
+    def peek(self) -> Any:
+        """The frame held now, left in place (None: none); a snapshot, no lock taken."""
+        return self._frame
+
     def wait(self, timeout: float) -> bool:
         """Wait until a frame is ready or the slot is closed."""
         with self._cond:

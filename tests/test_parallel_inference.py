@@ -1,0 +1,117 @@
+"""Several frames inferred at the same time (`model.parallel`): the lanes really overlap, each camera's frames
+still reach its worker in order, and the tracks are those of one lane; `auto` follows the cores and the
+backend."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgecv.config import ConfigError, parse
+from edgecv.engine.backend import Backend, OnnxRuntimeBackend, parallel_limit
+from edgecv.models import Prepared, load_models
+from edgecv.pipeline import Pipeline
+from edgecv.types import Frame
+
+FRAMES = 30
+
+
+class Overlap:
+    """Wraps a real backend's ``infer``: which threads ran it, and the most calls running at once."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.inner = backend.infer
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.threads: set[str] = set()
+        backend.infer = self  # type: ignore[method-assign]
+
+    def __call__(self, batch: Any) -> Any:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.threads.add(threading.current_thread().name)
+        try:
+            return self.inner(batch)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def config(assets: Path, parallel: int | str, cameras: int = 3) -> Any:
+    source = str(assets / "media" / "vtest.avi")
+    return parse({"node_id": "p", "mqtt": {"enabled": False}, "console": {"enabled": False},
+                  "model": {"path": str(assets / "models" / "yolox_nano.onnx"), "classes": ["person"],
+                            "threads": 1, "parallel": parallel},
+                  "cameras": {f"cam{i}": {"source": source, "realtime": False} for i in range(cameras)}})
+
+
+def run(assets: Path, parallel: int) -> tuple[dict[str, list[tuple[int, tuple[int, ...]]]], Overlap, Pipeline]:
+    cfg = config(assets, parallel)
+    models = load_models(cfg)
+    overlap = Overlap(models.detector.backend)
+    seen: dict[str, list[tuple[int, tuple[int, ...]]]] = {name: [] for name in cfg.cameras}
+    pipe = Pipeline(cfg, models, sinks=[], max_frames=FRAMES,
+                    on_tracks=lambda cam, f, t: seen[cam].append((f.index, tuple(t.track_id.tolist()))))
+    pipe.run()
+    assert pipe.failed is None
+    return seen, overlap, pipe
+
+
+def test_two_lanes_overlap_keep_each_cameras_order_and_give_the_tracks_of_one(assets: Path) -> None:
+    one, single, _ = run(assets, 1)
+    two, overlap, pipe = run(assets, 2)
+    assert single.most == 1 and single.threads == {"inference"}
+    assert pipe.inference.lanes == 2
+    assert overlap.most == 2, "the two lanes never inferred at the same time"
+    assert overlap.threads == {"inference", "inference-2"}
+    for cam, frames in two.items():
+        assert [i for i, _ in frames] == list(range(1, FRAMES + 1)), f"{cam}: frames out of order or missing"
+        assert frames == one[cam], f"{cam}: tracks differ from one lane's"
+    assert pipe.inference.frames == 3 * FRAMES and sum(pipe.inference.batches.values()) == 3 * FRAMES
+    assert pipe.inference.busy_since == 0.0 and not pipe.inference.alive
+
+
+def test_auto_is_the_cores_over_the_threads_and_one_for_a_backend_that_cannot(assets: Path) -> None:
+    model = assets / "models" / "yolox_nano.onnx"
+    ort_backend = OnnxRuntimeBackend(model, threads=1, providers=["CPUExecutionProvider"])
+    cores = os.cpu_count() or 1
+    assert parallel_limit(ort_backend) == cores
+    assert parallel_limit(ort_backend, 3) == 3
+    assert parallel_limit(OnnxRuntimeBackend(model, threads=cores, providers=["CPUExecutionProvider"])) == 1
+
+    class OneContext(OnnxRuntimeBackend):  # as TensorRT: one execution context, never two calls at once
+        concurrent = False
+
+    assert parallel_limit(OneContext(model, threads=1, providers=["CPUExecutionProvider"]), 4) == 1
+    assert load_models(config(assets, "auto", 1)).parallel == cores  # threads 1 in the config
+
+
+@pytest.mark.parametrize("value", [0, 17, "two", True])
+def test_a_bad_parallel_names_the_field(assets: Path, value: Any) -> None:
+    with pytest.raises(ConfigError) as e:
+        config(assets, value)
+    assert "model.parallel" in str(e.value) and "auto or a number 1 to 16" in str(e.value)
+
+
+def test_the_backlog_counts_frames_to_infer_not_skipped_ones_riding_in_a_slot(assets: Path) -> None:
+    """`detect.defer_when_busy` reads the backlog: a slot holding only frames the detector skips passes them
+    straight through, so it is no wait; a frame to infer in another camera's slot is one; the asking camera's
+    own slot never counts. The wait is shared by the lanes."""
+    cfg = config(assets, 2, cameras=3)
+    pipe = Pipeline(cfg, load_models(cfg), sinks=[])
+    frame = Frame("cam0", 1, 0.0, 0.0, np.zeros((8, 8, 3), np.uint8))
+    stop = threading.Event()
+    pipe.sources["cam0"].slot.put(Prepared(frame, ()), stop)  # to infer, but the asking camera's own
+    pipe.sources["cam1"].slot.put(Prepared(frame, (), skip="interval"), stop)  # skipped: passes straight on
+    pipe.sources["cam2"].slot.put(Prepared(frame, ()), stop)  # to infer
+    inference = pipe.inference
+    assert inference.backlog("cam0") == 1
+    assert inference.backlog("cam1") == 2
+    inference.frame_ms = 20.0
+    assert inference.wait_ms("cam0") == pytest.approx(1 * 20.0 / 2)
