@@ -430,8 +430,8 @@ class ModelConfig(_Model):
     iou: float = Field(0.5, ge=0, le=1, description="NMS IoU threshold")
     classes: Optional[list[str]] = Field(None, min_length=1, description="Keep only these labels")
     labels: Optional[str] = Field(None, description="Labels file, one name per line (overrides the model's names)")
-    threads: Optional[int] = Field(None, ge=1, le=256, description="CPU inference threads (default: half the cores, leaving the rest to "
-                                   "decoding, tracking and publishing; measured: README, Capacity)")
+    threads: Optional[int] = Field(None, ge=1, le=256, description="CPU threads of one inference (default: half the cores; with "
+                                   "`parallel` auto, cores / threads inferences run at once; measured: README, Capacity)")
     batch: Union[Literal["auto"], int] = Field(
         "auto", description="Most frames (of different cameras) inferred together: a number 1 to 64, or auto: 1 with "
         "ONNX Runtime on the CPU (batching measured not to pay there, README Batching), the engine's largest batch "
