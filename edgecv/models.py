@@ -86,12 +86,13 @@ class ModelSet:
         self.names = list(names) if names is not None else [Path(str(m.backend.path)).stem for m in self.all]
         if len(self.names) != len(self.all) or len(set(self.names)) != len(self.names):
             raise ValueError(f"ModelSet: expected {len(self.all)} distinct model names, got {self.names}")
-        settings = [*batch, *["auto"] * (len(self.all) - len(batch))]
-        self.batch = [batch_limit(m.backend, b) for m, b in zip(self.all, settings)]  # per model: frames per run
+        def per_model(settings: Sequence[int | str]) -> list[tuple[Adapter, int | str]]:
+            return list(zip(self.all, [*settings, *["auto"] * (len(self.all) - len(settings))]))
+
+        self.batch = [batch_limit(m.backend, b) for m, b in per_model(batch)]  # per model: frames per run
         self.max_batch = min(self.batch)  # the inference thread's chunk: frames of several cameras run together
-        settings = [*parallel, *["auto"] * (len(self.all) - len(parallel))]
         # inference threads: chunks of different cameras inferred at the same time (every model must allow it)
-        self.parallel = min(parallel_limit(m.backend, p) for m, p in zip(self.all, settings))
+        self.parallel = min(parallel_limit(m.backend, p) for m, p in per_model(parallel))
 
     def prepare(self, frame: Frame) -> Prepared:
         """Every model's input for one frame (runs on the capture thread); a backend that makes its inputs on

@@ -387,20 +387,14 @@ class InferenceWorker:
         """When the longest-running inference now began (monotonic; 0.0: none running)."""
         return min(tuple(self._busy.values()), default=0.0)
 
-    @property
-    def _queued(self) -> int:
-        """Frames collected and not yet inferred: in the round or in inference."""
-        return len(self._taken)
-
     def backlog(self, camera: str = "") -> int:
-        """Frames waiting for inference now, but ``camera``'s own: collected and not yet inferred, or ready in
-        another camera's slot to be collected (not a slot holding only frames the detector skips: they pass
-        straight through). Read from capture threads (``detect.defer_when_busy``): a snapshot, no lock taken."""
-        waiting = 0
-        for name, w in self.workers.items():
-            item = w.source.slot.peek() if name != camera else None
-            waiting += item is not None and getattr(item, "infer", True)
-        return self._queued + waiting
+        """Frames waiting for inference now, but ``camera``'s own: collected and not yet inferred (in the round or
+        in inference), or ready in another camera's slot to be collected (not a slot holding only frames the
+        detector skips: they pass straight through). Read from capture threads (``detect.defer_when_busy``): a
+        snapshot, no lock taken."""
+        waiting = sum(1 for name, w in self.workers.items()
+                      if name != camera and (item := w.source.slot.peek()) is not None and item.infer)
+        return len(self._taken) + waiting
 
     def wait_ms(self, camera: str = "") -> float:
         """How long a frame of ``camera`` put now would wait for inference: the backlog times the recent time of
@@ -484,6 +478,7 @@ class InferenceWorker:
                    placements: list[list[Any]], began: float = 0.0) -> None:
         inferred = (began, time.monotonic())  # the batch's inference (latency budget)
         with self._lock:
+            self.failures_in_a_row = 0  # inferred: the run of failures is over
             self.batches[len(items)] = self.batches.get(len(items), 0) + 1
             for i, (w, p) in enumerate(items):
                 self._counts[w.name] += 1
@@ -507,8 +502,6 @@ class InferenceWorker:
             return self._failed(items[0], e)
         finally:
             self._busy.pop(lane, None)
-        with self._lock:
-            self.failures_in_a_row = 0
         self._hand_over(items, per_model, placements, began)
         return True
 
