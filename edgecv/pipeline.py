@@ -340,14 +340,19 @@ class CameraWorker:
             self._hook_error = msg
 
 
+def _captured(item: tuple[CameraWorker, Prepared]) -> float:
+    return item[1].frame.t_mono
+
+
 class InferenceWorker:
     """The inference threads: take ready frames from every camera, run every model on them in batches, hand each
     frame with all its models' outputs to its camera worker.
 
-    ``models.parallel`` threads (lanes) infer at the same time. A round takes every ready frame out of the
-    cameras' slots at once (so a camera's next frame finds its slot free: it waits rather than replacing the one
-    taken); each lane takes the next chunk of the round (``models.max_batch`` frames) and starts a new round once
-    it is used up. A camera has at most one frame in a round or in inference, so its frames reach its worker in
+    ``models.parallel`` threads (lanes) infer at the same time. Whenever a lane is free it first takes every ready
+    frame out of the cameras' slots into the waiting list (so a camera's next frame finds its slot free: it waits
+    rather than replacing the one taken), then the oldest frames waiting, by capture time (``models.max_batch``
+    at most): under load every camera waits alike, none is starved by where it stands in the config or by when
+    its frames arrive. A camera has at most one frame waiting or in inference, so its frames reach its worker in
     the order they were read."""
 
     def __init__(self, models: ModelSet | Detector, workers: dict[str, CameraWorker], notify: threading.Event,
@@ -367,9 +372,9 @@ class InferenceWorker:
         # the first lane keeps the name "inference" (stats, CPU by role); the others are inference-2, -3...
         self._threads = [threading.Thread(target=self._run, args=(i,), name="inference" + (f"-{i + 1}" if i else ""),
                                           daemon=True) for i in range(self.lanes)]
-        self._lock = threading.Lock()  # the round, the cameras in it, counts and failures: shared by the lanes
-        self._round: list[tuple[CameraWorker, Prepared]] = []  # collected, not yet taken by a lane
-        self._taken: set[str] = set()  # cameras with a frame in the round or in inference
+        self._lock = threading.Lock()  # the waiting frames, their cameras, counts and failures: shared by the lanes
+        self._waiting: list[tuple[CameraWorker, Prepared]] = []  # collected, not yet taken by a lane
+        self._taken: set[str] = set()  # cameras with a frame waiting or in inference
         self._busy: dict[int, float] = {}  # lane -> monotonic time its chunk's inference began
         self.error: Optional[str] = None  # set when inference is given up (the pipeline has failed)
         self.failure_limit = failure_limit
@@ -388,7 +393,7 @@ class InferenceWorker:
         return min(tuple(self._busy.values()), default=0.0)
 
     def backlog(self, camera: str = "") -> int:
-        """Frames waiting for inference now, but ``camera``'s own: collected and not yet inferred (in the round or
+        """Frames waiting for inference now, but ``camera``'s own: collected and not yet inferred (waiting or
         in inference), or ready in another camera's slot to be collected (not a slot holding only frames the
         detector skips: they pass straight through). Read from capture threads (``detect.defer_when_busy``): a
         snapshot, no lock taken."""
@@ -419,8 +424,7 @@ class InferenceWorker:
         return self._stop.is_set()
 
     def _collect(self) -> list[tuple[CameraWorker, Prepared]]:
-        """A round: the frame ready in each camera's slot that has none in the previous round or in inference
-        (lock held)."""
+        """The frame ready in each camera's slot that has none waiting or in inference (lock held)."""
         ready = []
         for name, w in self.workers.items():
             if name in self._taken or (self.max_frames is not None and self._counts[name] >= self.max_frames):
@@ -437,11 +441,12 @@ class InferenceWorker:
         return ready
 
     def _next_chunk(self) -> list[tuple[CameraWorker, Prepared]]:
-        """The next chunk of the round (a new round when it is used up); empty when no frame is ready."""
+        """The oldest frames waiting (at most ``models.max_batch``), frames newly ready in the slots collected
+        first; empty when none is ready."""
         with self._lock:
-            if not self._round:
-                self._round = self._collect()
-            chunk, self._round = self._round[:self.models.max_batch], self._round[self.models.max_batch:]
+            self._waiting.extend(self._collect())
+            self._waiting.sort(key=_captured)
+            chunk, self._waiting = self._waiting[:self.models.max_batch], self._waiting[self.models.max_batch:]
             return chunk
 
     def _pass_skipped(self, w: CameraWorker, items: Sequence[Prepared]) -> None:

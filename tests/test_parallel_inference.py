@@ -115,3 +115,33 @@ def test_the_backlog_counts_frames_to_infer_not_skipped_ones_riding_in_a_slot(as
     assert inference.backlog("cam1") == 2
     inference.frame_ms = 20.0
     assert inference.wait_ms("cam0") == pytest.approx(1 * 20.0 / 2)
+
+
+def test_the_oldest_frame_waiting_is_inferred_first_whichever_camera_it_is(assets: Path) -> None:
+    """Under load every camera waits alike: a lane takes the frame captured first among those waiting, and a frame
+    that became ready after the others were collected still goes before the younger ones among them (not after
+    all of them, which starved the cameras whose frames kept arriving just after a collection)."""
+    cfg = config(assets, 2, cameras=3)
+    pipe = Pipeline(cfg, load_models(cfg), sinks=[])
+    inference, stop = pipe.inference, threading.Event()
+    assert inference.models.max_batch == 1
+
+    def put(camera: str, index: int, captured: float) -> None:
+        frame = Frame(camera, index, captured, 0.0, np.zeros((8, 8, 3), np.uint8))
+        assert pipe.sources[camera].slot.put(Prepared(frame, ()), stop)
+
+    def next_one() -> tuple[str, int]:
+        chunk = inference._next_chunk()
+        assert len(chunk) == 1
+        return chunk[0][1].frame.camera, chunk[0][1].frame.index
+
+    put("cam0", 1, 50.0)
+    put("cam2", 1, 10.0)
+    assert next_one() == ("cam2", 1)  # cam0 comes first in the config, but its frame is younger
+    put("cam1", 1, 30.0)  # ready after that collection, captured before cam0's frame
+    put("cam2", 2, 60.0)  # cam2's next frame: waits in its slot while cam2 has one in inference
+    assert next_one() == ("cam1", 1)
+    assert next_one() == ("cam0", 1)
+    assert inference._next_chunk() == []  # cam2's second frame: not while its first is being inferred
+    inference._taken.discard("cam2")  # its first frame handed over
+    assert next_one() == ("cam2", 2)
