@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -55,7 +56,7 @@ def _role(name: str) -> str:
 
 class CpuMeter:
     """CPU time by role since the meter was made. Call :meth:`sample` now and then: a thread's time is counted up
-    to its last sample, so a thread that ends between two samples loses at most that interval."""
+    to its last sample, or to its end where it calls :meth:`thread_ended`."""
 
     def __init__(self) -> None:
         self._base = thread_cpu_s()
@@ -69,6 +70,15 @@ class CpuMeter:
             for tid, cpu in now.items():
                 role = _role(names[tid]) if tid in names else "native_threads"
                 self._last[tid] = (role, cpu - self._base.get(tid, 0.0))
+
+    def thread_ended(self) -> None:
+        """Called by a thread as it ends: its CPU time so far is counted (its own clock, ``time.thread_time``).
+        Without it, a thread that ends between two samples loses what it used since the last one, all of it
+        for one shorter than the interval (the inference threads of a short offline run)."""
+        t = threading.current_thread()
+        used = max(0.0, time.thread_time() - self._base.get(t.native_id or 0, 0.0))
+        with self._lock:
+            self._last[t.native_id or 0] = (_role(t.name), used)
 
     def seconds(self) -> dict[str, float]:
         """CPU seconds by role (every role of :data:`ROLES`, 0 when none ran), as of the last sample."""

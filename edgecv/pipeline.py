@@ -382,6 +382,7 @@ class InferenceWorker:
         self.failures_in_a_row = 0
         self._reported: set[str] = set()  # distinct failure messages logged so far
         self.frame_ms = 0.0  # one frame's inference, all models, moving average (weight 0.1 of the newest)
+        self.on_exit: Optional[Callable[[], None]] = None  # called on each lane's thread as it ends (CPU meter)
 
     def start(self) -> None:
         for t in self._threads:
@@ -548,6 +549,9 @@ class InferenceWorker:
         except Exception as e:  # not an inference error: a defect; the pipeline has failed
             self.error = f"inference thread failed: {type(e).__name__}: {e}"
             log.exception(self.error)
+        finally:
+            if self.on_exit is not None:
+                self.on_exit()
 
 
 class Pipeline:
@@ -588,6 +592,9 @@ class Pipeline:
         self.inference = InferenceWorker(self.models, self.workers, self.notify, max_frames, cfg.failure_limit)
         self.started_at = 0.0
         self.cpu = CpuMeter()  # CPU time by stage from here on (stats: cpu_ms_per_frame)
+        self.inference.on_exit = self.cpu.thread_ended  # threads that end before the run does count in full
+        for src in self.sources.values():
+            src.on_exit = self.cpu.thread_ended
 
     def _install_gate(self, src: Source, worker: CameraWorker, cam: CameraConfig, switch: bool = False) -> None:
         """The camera's `detect` section in front of its preprocessing (capture thread): a frame the detector skips

@@ -42,6 +42,28 @@ def test_a_busy_thread_is_counted_under_its_role():
     assert per["total"] == pytest.approx(sum(v for k, v in per.items() if k != "total"), abs=0.01)
 
 
+def test_a_thread_that_ends_before_any_sample_is_counted_when_it_says_so():
+    """A short run's inference threads end before the meter's next sample: the time they report as they end
+    counts, and a thread that does not report is lost (which is why the pipeline's threads do)."""
+    meter = CpuMeter()
+
+    def spin(seconds: float, report: bool) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+        if report:
+            meter.thread_ended()
+
+    for name, report in (("inference", True), ("capture-silent", False)):
+        t = threading.Thread(target=spin, args=(0.2, report), name=name)
+        t.start()
+        t.join()
+    meter.sample()
+    seconds = meter.seconds()
+    assert 0.18 <= seconds["inference"] <= 0.4, seconds
+    assert seconds["capture"] == 0.0, seconds
+
+
 def test_thread_cpu_lists_this_thread():
     assert threading.get_native_id() in thread_cpu_s()
 

@@ -162,6 +162,7 @@ class Source:
         # thread), and an event set whenever a new item is in the slot
         self.prepare: Optional[Callable[[Frame], Any]] = None
         self.notify: Optional[threading.Event] = None
+        self.on_exit: Optional[Callable[[], None]] = None  # called on the capture thread as it ends (CPU meter)
         self.on_open: Optional[Callable[[], None]] = None  # called each time the source (re)opens, before its frames
 
     # ---- lifecycle
@@ -260,6 +261,8 @@ class Source:
         finally:
             self._release()
             self.slot.close()
+            if self.on_exit is not None:
+                self.on_exit()
 
     def _capture_loop(self) -> bool:
         """Open, stream, reopen until the end. True when stopped (shutdown, or stop() during a back-off), False
