@@ -390,7 +390,7 @@ class ByteTracker:
         if self.config.appearance_weight <= 0 or image is None or not len(detections):
             return
         self._feats, self._feat_ok = appearance.describe(image, detections.xyxy,
-                                                         detections.score >= self.config.low_thresh)
+                                                         detections.score >= self.config.track_thresh)
         iou = box_iou(detections.xyxy, detections.xyxy)
         np.fill_diagonal(iou, 0.0)
         self._feat_clean = self._feat_ok & (iou.max(axis=1) <= appearance.OVERLAP)
