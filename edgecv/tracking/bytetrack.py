@@ -201,7 +201,6 @@ class _Track:
     score_sum: float = 0.0  # summed score of the matched detections
     score_ema: float = 0.0  # exponential moving average of the matched scores (weight SCORE_EMA of the newest)
     centre: np.ndarray = field(default_factory=lambda: np.zeros(2))  # Kalman centre just after the last match
-    feature: Optional[np.ndarray] = None  # appearance descriptor (tracking.appearance), smoothed
 
     @property
     def mean_score(self) -> float:
@@ -285,10 +284,13 @@ class ByteTracker:
         self._lost_buffer = self.config.lost_buffer
         self._kalman = KALMAN
         self._camera = self._motion_estimator(self.config.motion_compensation)
-        # Track i is self._tracks[i], with Kalman state self._mean[i] and self._cov[i].
+        # Track i is self._tracks[i], with Kalman state self._mean[i] and self._cov[i], and appearance
+        # self._feature[i] (tracking.appearance, smoothed) when self._has_feature[i].
         self._tracks: list[_Track] = []
         self._mean = np.zeros((0, 8))
         self._cov = np.zeros((0, 8, 8))
+        self._feature = np.zeros((0, appearance.SIZE), np.float32)
+        self._has_feature = np.zeros(0, bool)
         self._frame = 0
         self._calls = 0
         self._next_id = 1
@@ -316,6 +318,8 @@ class ByteTracker:
         self._tracks = []
         self._mean = np.zeros((0, 8))
         self._cov = np.zeros((0, 8, 8))
+        self._feature = np.zeros((0, appearance.SIZE), np.float32)
+        self._has_feature = np.zeros(0, bool)
         self._frame = 0
         self._calls = 0
         self._next_id = 1
@@ -400,10 +404,8 @@ class ByteTracker:
         no descriptor. None when this call has no descriptors."""
         if self._feats is None:
             return None
-        has = [i for i, t in enumerate(self._tracks) if t.feature is not None]
-        d = np.zeros((len(self._tracks), n_dets), np.float32)
-        if has:
-            d[has] = appearance.distance(np.stack([self._tracks[i].feature for i in has]), self._feats)
+        d = appearance.distance(self._feature, self._feats)
+        d[~self._has_feature] = 0.0
         d[:, ~self._feat_ok] = 0.0
         return d
 
@@ -425,8 +427,13 @@ class ByteTracker:
             if track.state is _State.TRACKED:
                 self.events.append(track.event(TrackEventKind.LOST))
             self.events.append(track.event(TrackEventKind.REMOVED))
+        self._keep(keep)
+
+    def _keep(self, keep: np.ndarray) -> None:
+        """Keep the tracks where ``keep`` (T,) is True, with their states."""
         self._tracks = [t for t, k in zip(self._tracks, keep) if k]
         self._mean, self._cov = self._mean[keep], self._cov[keep]
+        self._feature, self._has_feature = self._feature[keep], self._has_feature[keep]
 
     def _coasted(self) -> Detections:
         """The tracks reported on the last ``update`` still held, at their predicted boxes, in that call's order."""
@@ -516,23 +523,27 @@ class ByteTracker:
         boxes = detections.xyxy[det_idx]
         mean, cov = self._kalman.update(self._mean[track_idx], self._cov[track_idx], xyxy_to_xyah(boxes))
         self._mean[track_idx], self._cov[track_idx] = mean, cov
+        self._learn(track_idx, det_idx, detections)
         for i, box, d, centre in zip(track_idx.tolist(), boxes, det_idx.tolist(), mean[:, :2]):
             track = self._tracks[i]
             track.xyxy = box
             track.centre = centre
             track.observe(self._frame, d, float(detections.score[d]), int(detections.class_id[d]))
-            self._learn(track, d, detections)
             self._matched(track)
 
-    def _learn(self, track: _Track, d: int, detections: Detections) -> None:
-        """Fold detection ``d``'s appearance into the track's: a clear, confident view is averaged in (weight
-        ``appearance.ALPHA`` for what the track had); any view is taken when the track has none yet."""
-        if self._feats is None or not self._feat_ok[d]:
+    def _learn(self, track_idx: np.ndarray, det_idx: np.ndarray, detections: Detections) -> None:
+        """Fold the appearance of detections ``det_idx`` into that of tracks ``track_idx`` (pairs, each track once):
+        a clear, confident view is averaged in (weight ``appearance.ALPHA`` for what the track had); any view is
+        taken when the track has none yet."""
+        if self._feats is None:
             return
-        if track.feature is None:
-            track.feature = self._feats[d].copy()
-        elif self._feat_clean[d] and detections.score[d] >= self.config.track_thresh:
-            track.feature = appearance.ALPHA * track.feature + (1.0 - appearance.ALPHA) * self._feats[d]
+        seen = self._feat_ok[det_idx]
+        first = seen & ~self._has_feature[track_idx]
+        clear = seen & ~first & self._feat_clean[det_idx] & (detections.score[det_idx] >= self.config.track_thresh)
+        self._feature[track_idx[first]] = self._feats[det_idx[first]]
+        self._has_feature[track_idx[first]] = True
+        rows, views = track_idx[clear], self._feats[det_idx[clear]]
+        self._feature[rows] = appearance.ALPHA * self._feature[rows] + (1.0 - appearance.ALPHA) * views
 
     def _matched(self, track: _Track) -> None:
         """A track was matched (or held): a tentative one is confirmed once ripe, a lost one is tracked again."""
@@ -552,11 +563,14 @@ class ByteTracker:
         mean, cov = self._kalman.initiate(xyxy_to_xyah(boxes))
         self._mean = np.concatenate([self._mean, mean])
         self._cov = np.concatenate([self._cov, cov])
+        seen = self._feat_ok[candidates] if self._feats is not None else np.zeros(len(candidates), bool)
+        views = self._feats[candidates] if self._feats is not None else np.zeros((len(candidates), appearance.SIZE))
+        self._feature = np.concatenate([self._feature, np.where(seen[:, None], views, 0.0).astype(np.float32)])
+        self._has_feature = np.concatenate([self._has_feature, seen])  # a new track takes any view it has
         at_once = cfg.min_hits <= 1 or (cfg.confirm_first_frame and self._calls == 1)
         for box, d, centre in zip(boxes, candidates.tolist(), mean[:, :2]):
             track = _Track(xyxy=box, centre=centre)
             track.observe(self._frame, d, float(detections.score[d]), int(detections.class_id[d]))
-            self._learn(track, d, detections)
             if at_once and track.mean_score >= cfg.confirm_thresh:
                 self._confirm(track)
             self._tracks.append(track)
@@ -583,8 +597,7 @@ class ByteTracker:
                 self.events.append(track.event(TrackEventKind.REMOVED))
                 keep[i] = False
         if not keep.all():
-            self._tracks = [t for t, k in zip(self._tracks, keep) if k]
-            self._mean, self._cov = self._mean[keep], self._cov[keep]
+            self._keep(keep)
 
     def _output(self, detections: Detections) -> Detections:
         """The confirmed tracks matched on this call whose smoothed score reaches ``report_thresh``, in input
