@@ -347,3 +347,53 @@ def test_an_event_handed_over_as_the_connection_drops_is_delivered_after_the_rec
         sub.close()
     finally:
         broker.stop()
+
+
+def test_an_event_goes_to_paho_on_the_submitting_thread_while_the_sender_is_idle(broker, tmp_path):
+    """The sender thread can only run once the submitting thread lets it: while it is idle, `submit` hands the event
+    to paho itself (no wake-up on the way to the broker). Each event still arrives exactly once, in order, and the
+    spool empties."""
+    import threading
+
+    from edgecv.config import MqttConfig
+    from edgecv.publish.mqtt import MqttPublisher
+    from edgecv.publish.spool import Spool
+    from edgecv.types import Event
+
+    sub = Subscriber(broker.port, [f"edgecv/{NODE}/+/events"])
+    spool = Spool(tmp_path / "s.sqlite", 10**6)
+    pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=broker.port), NODE, spool)
+    pub.start()
+    try:
+        assert wait_until(lambda: pub.connected, 10)
+        time.sleep(0.3)  # the sender's start-up cycle is over
+        handed: list[str] = []  # the thread that handed each event to paho
+        publish = pub.client.publish
+
+        def recording(topic, *args, **kwargs):
+            if topic.endswith("/events"):
+                handed.append(threading.current_thread().name)
+            return publish(topic, *args, **kwargs)
+
+        pub.client.publish = recording  # type: ignore[method-assign]
+        events = [Event(type="object.new", node=NODE, camera="cam", frame=i, captured_at=time.time(), epoch="idle")
+                  for i in range(20)]
+
+        def submit_all() -> None:
+            for ev in events:
+                assert pub.submit(ev)
+                time.sleep(0.01)  # a camera's next event comes later: the sender is idle again by then
+
+        worker = threading.Thread(target=submit_all, name="worker-cam")
+        worker.start()
+        worker.join(30)
+        assert wait_until(lambda: spool.depth == 0, 10), spool.depth
+        assert sub.wait_for(lambda ms: len(ms) >= len(events), 10)
+        time.sleep(0.2)  # a duplicate would arrive meanwhile
+        assert [m.json()["id"] for m in sub.snapshot()] == [e.id for e in events]
+        assert len(handed) == len(events), handed
+        assert handed.count("worker-cam") >= len(events) // 2, handed
+    finally:
+        pub.close(2.0)
+        spool.close()
+        sub.close()
