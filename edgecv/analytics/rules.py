@@ -207,11 +207,13 @@ class ZoneRule(Rule):
         if len(tracks):
             sel = self.select(tracks)
             inside = self.inside(ctx, sel) if len(sel) else np.zeros(0, bool)
-            for i in range(len(sel)):
-                tid = int(sel.track_id[i])
-                st = self._state.setdefault(tid, _ZoneState())
-                st.last = (int(sel.class_id[i]), float(sel.score[i]), tuple(sel.xyxy[i]))
-                events.extend(self._observe(ctx, tid, st, bool(inside[i])))
+            for tid, cls, score, box, now_in in zip(sel.track_id.tolist(), sel.class_id.tolist(), sel.score.tolist(),
+                                                    sel.xyxy.tolist(), inside.tolist()):
+                st = self._state.get(tid)
+                if st is None:
+                    st = self._state[tid] = _ZoneState()
+                st.last = (cls, score, tuple(box))
+                events.extend(self._observe(ctx, tid, st, now_in))
         for r in removed:
             st = self._state.pop(r.track_id, None)
             if st is not None and st.inside.confirmed and st.announced and self.exit_on_lost:
@@ -309,9 +311,11 @@ class LineRule(Rule):
             sel = self.select(tracks)
             pts = sel.anchors(self.anchor).astype(np.float64)
             sides = self.sides(pts) if len(sel) else np.zeros(0, int)
-            for i in range(len(sel)):
-                tid = int(sel.track_id[i])
-                direction = self._observe(self._state.setdefault(tid, _LineState()), int(sides[i]), pts[i])
+            for i, (tid, side) in enumerate(zip(sel.track_id.tolist(), sides.tolist())):
+                st = self._state.get(tid)
+                if st is None:
+                    st = self._state[tid] = _LineState()
+                direction = self._observe(st, side, pts[i])
                 if direction is None or not self._cooled(tid, direction, ctx.t):
                     continue
                 self._counts[direction] += 1
