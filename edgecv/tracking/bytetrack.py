@@ -388,7 +388,8 @@ class ByteTracker:
 
     def _describe(self, image: Optional[np.ndarray], detections: Detections) -> None:
         """Appearance descriptors of this call's detections (the appearance cue on and a frame given): which
-        could be described (``_feat_ok``) and which are clear views, overlapping no other detection by more
+        were described (``_feat_ok``: those scoring ``track_thresh`` or more, the only ones the cue is used for;
+        the low-score association ignores it) and which are clear views, overlapping no other detection by more
         than ``appearance.OVERLAP`` IoU (``_feat_clean``, the only ones a track learns from)."""
         self._feats = self._feat_ok = self._feat_clean = None
         if self.config.appearance_weight <= 0 or image is None or not len(detections):
