@@ -340,8 +340,8 @@ class CameraWorker:
             self._hook_error = msg
 
 
-def _captured(item: tuple[CameraWorker, Prepared]) -> float:
-    return item[1].frame.t_mono
+def _capture_time(item: Prepared) -> float:
+    return item.frame.t_mono
 
 
 class InferenceWorker:
@@ -350,10 +350,11 @@ class InferenceWorker:
 
     ``models.parallel`` threads (lanes) infer at the same time. Whenever a lane is free it first takes every ready
     frame out of the cameras' slots into the waiting list (so a camera's next frame finds its slot free: it waits
-    rather than replacing the one taken), then the oldest frames waiting, by capture time (``models.max_batch``
-    at most): under load every camera waits alike, none is starved by where it stands in the config or by when
-    its frames arrive. A camera has at most one frame waiting or in inference, so its frames reach its worker in
-    the order they were read."""
+    rather than replacing the one taken), then the frames of the cameras that have waited longest
+    (``models.max_batch`` at most). A camera waits from the capture of the frame that found its slot empty: a
+    newer frame that replaced that one (a drop) keeps its place. Under load every camera waits alike, none is
+    starved by where it stands in the config, by when its frames arrive, or by having dropped one. A camera has at
+    most one frame waiting or in inference, so its frames reach its worker in the order they were read."""
 
     def __init__(self, models: ModelSet | Detector, workers: dict[str, CameraWorker], notify: threading.Event,
                  max_frames: Optional[int] = None, failure_limit: int = 50) -> None:
@@ -375,6 +376,7 @@ class InferenceWorker:
         self._lock = threading.Lock()  # the waiting frames, their cameras, counts and failures: shared by the lanes
         self._waiting: list[tuple[CameraWorker, Prepared]] = []  # collected, not yet taken by a lane
         self._taken: set[str] = set()  # cameras with a frame waiting or in inference
+        self._since: dict[str, float] = {}  # camera -> since when its waiting frame's camera has waited (monotonic)
         self._busy: dict[int, float] = {}  # lane -> monotonic time its chunk's inference began
         self.error: Optional[str] = None  # set when inference is given up (the pipeline has failed)
         self.failure_limit = failure_limit
@@ -430,23 +432,24 @@ class InferenceWorker:
         for name, w in self.workers.items():
             if name in self._taken or (self.max_frames is not None and self._counts[name] >= self.max_frames):
                 continue
-            item = w.source.slot.take()
+            item, since = w.source.slot.take_waiting()
             if item is None:
                 continue
             self._pass_skipped(w, item.before)
             if item.infer:
                 ready.append((w, item))
                 self._taken.add(name)
+                self._since[name] = since
             else:  # the detector skips it (sources.gate): straight to the worker
                 self._pass_skipped(w, [item])
         return ready
 
     def _next_chunk(self) -> list[tuple[CameraWorker, Prepared]]:
-        """The oldest frames waiting (at most ``models.max_batch``), frames newly ready in the slots collected
-        first; empty when none is ready."""
+        """The frames of the cameras that have waited longest (at most ``models.max_batch``), frames newly ready in
+        the slots collected first; empty when none is ready."""
         with self._lock:
             self._waiting.extend(self._collect())
-            self._waiting.sort(key=_captured)
+            self._waiting.sort(key=lambda item: self._since[item[0].name])
             chunk, self._waiting = self._waiting[:self.models.max_batch], self._waiting[self.models.max_batch:]
             return chunk
 
@@ -579,6 +582,7 @@ class Pipeline:
             location = str(resolve_path(cfg, str(cam.source)) or cam.source) if cam.kind == "file" else str(cam.source)
             src = make_source(name, cam, location, on_state)
             src.prepare = self.models.prepare
+            src.slot.stamp = _capture_time
             src.notify = self.notify
             cb = (lambda f, t, _n=name: on_tracks(_n, f, t)) if on_tracks else None
             ev = (lambda f, t, s, e, _n=name: on_events(_n, f, t, s, e)) if on_events else None

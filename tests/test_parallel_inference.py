@@ -43,12 +43,13 @@ class Overlap:
                 self.running -= 1
 
 
-def config(assets: Path, parallel: int | str, cameras: int = 3) -> Any:
+def config(assets: Path, parallel: int | str, cameras: int = 3, realtime: bool = False) -> Any:
+    """``realtime``: the cameras' slots drop (a live camera's) instead of blocking (a replay's)."""
     source = str(assets / "media" / "vtest.avi")
     return parse({"node_id": "p", "mqtt": {"enabled": False}, "console": {"enabled": False},
                   "model": {"path": str(assets / "models" / "yolox_nano.onnx"), "classes": ["person"],
                             "threads": 1, "parallel": parallel},
-                  "cameras": {f"cam{i}": {"source": source, "realtime": False} for i in range(cameras)}})
+                  "cameras": {f"cam{i}": {"source": source, "realtime": realtime} for i in range(cameras)}})
 
 
 def run(assets: Path, parallel: int) -> tuple[dict[str, list[tuple[int, tuple[int, ...]]]], Overlap, Pipeline]:
@@ -145,3 +146,27 @@ def test_the_oldest_frame_waiting_is_inferred_first_whichever_camera_it_is(asset
     assert inference._next_chunk() == []  # cam2's second frame: not while its first is being inferred
     inference._taken.discard("cam2")  # its first frame handed over
     assert next_one() == ("cam2", 2)
+
+
+def test_a_camera_whose_waiting_frame_was_replaced_keeps_its_place(assets: Path) -> None:
+    """A newer frame that replaced a waiting one (a drop) takes over the camera's place in the queue: it is served
+    by how long the camera has waited, not as a camera that has just begun to wait. Otherwise a camera that
+    dropped a frame waited longer next time and dropped again, while the others dropped none."""
+    cfg = config(assets, 2, cameras=2, realtime=True)
+    pipe = Pipeline(cfg, load_models(cfg), sinks=[])
+    stop = threading.Event()
+    assert not pipe.sources["cam0"].slot.blocking
+
+    def put(camera: str, index: int, captured: float) -> None:
+        frame = Frame(camera, index, captured, 0.0, np.zeros((8, 8, 3), np.uint8))
+        assert pipe.sources[camera].slot.put(Prepared(frame, ()), stop)
+
+    put("cam0", 1, 10.0)
+    put("cam1", 1, 20.0)
+    put("cam0", 2, 40.0)  # replaces cam0's first frame: cam0 has waited since 10
+    assert pipe.sources["cam0"].slot.dropped == 1
+    order = [(item.frame.camera, item.frame.index) for _, item in
+             (pipe.inference._next_chunk()[0], pipe.inference._next_chunk()[0])]
+    assert order == [("cam0", 2), ("cam1", 1)]
+    put("cam0", 3, 50.0)  # cam0's slot was empty again: it waits from this frame's capture on
+    assert pipe.sources["cam0"].slot.take_waiting()[1] == 50.0

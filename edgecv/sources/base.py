@@ -58,6 +58,8 @@ class FrameSlot:
         self.dropped = 0
         self.closed = False
         self.merge: Optional[Callable[[Any, Any], tuple[Any, int]]] = None  # set by the pipeline (class docstring)
+        self.stamp: Optional[Callable[[Any], float]] = None  # an item's capture time (monotonic; else the put time)
+        self._since = 0.0  # when the frame that found the slot empty was captured (see take_waiting)
 
     def put(self, frame: Any, stop: threading.Event) -> bool:
         with self._cond:
@@ -71,6 +73,8 @@ class FrameSlot:
                 self.dropped += dropped
             elif self._frame is not None:
                 self.dropped += 1
+            if self._frame is None:
+                self._since = self.stamp(frame) if self.stamp is not None else time.monotonic()
             self._frame = frame
             self._cond.notify_all()
             return True
@@ -82,6 +86,16 @@ class FrameSlot:
             if f is not None:
                 self._cond.notify_all()
             return f
+
+    def take_waiting(self) -> tuple[Any, float]:
+        """``take``, and since when this camera has waited: the capture time of the frame that found the slot
+        empty. A newer frame that replaced it does not reset it, so a camera that lost a frame while it waited is
+        not taken for one that has just begun to wait."""
+        with self._cond:
+            f, since, self._frame = self._frame, self._since, None
+            if f is not None:
+                self._cond.notify_all()
+            return f, since
 
     def peek(self) -> Any:
         """The frame held now, left in place (None: none); a snapshot, no lock taken."""
