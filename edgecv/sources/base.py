@@ -81,11 +81,7 @@ class FrameSlot:
 
     def take(self) -> Any:
         """The newest frame, or None when there is none (never blocks)."""
-        with self._cond:
-            f, self._frame = self._frame, None
-            if f is not None:
-                self._cond.notify_all()
-            return f
+        return self.take_waiting()[0]
 
     def take_waiting(self) -> tuple[Any, float]:
         """``take``, and since when this camera has waited: the capture time of the frame that found the slot

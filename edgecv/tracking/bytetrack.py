@@ -564,10 +564,12 @@ class ByteTracker:
         mean, cov = self._kalman.initiate(xyxy_to_xyah(boxes))
         self._mean = np.concatenate([self._mean, mean])
         self._cov = np.concatenate([self._cov, cov])
-        seen = self._feat_ok[candidates] if self._feats is not None else np.zeros(len(candidates), bool)
-        views = self._feats[candidates] if self._feats is not None else np.zeros((len(candidates), appearance.SIZE))
-        self._feature = np.concatenate([self._feature, np.where(seen[:, None], views, 0.0).astype(np.float32)])
-        self._has_feature = np.concatenate([self._has_feature, seen])  # a new track takes any view it has
+        # a new track takes any view it has (a row without one is never read: _has_feature says so)
+        described = self._feats is not None
+        views = self._feats[candidates] if described else np.zeros((len(candidates), appearance.SIZE), np.float32)
+        self._feature = np.concatenate([self._feature, views])
+        self._has_feature = np.concatenate([self._has_feature, self._feat_ok[candidates] if described
+                                            else np.zeros(len(candidates), bool)])
         at_once = cfg.min_hits <= 1 or (cfg.confirm_first_frame and self._calls == 1)
         for box, d, centre in zip(boxes, candidates.tolist(), mean[:, :2]):
             track = _Track(xyxy=box, centre=centre)
