@@ -92,6 +92,25 @@ def test_truncated_video_plays_what_it_can_then_ends_clearly(assets, vtest, tmp_
     assert not noise, noise
 
 
+def test_track_on_a_truncated_video_warns_that_it_ended_early(assets, vtest, tmp_path):
+    """`edgecv track` (and `eval`) log only warnings: a short file must still say it was short, once, while
+    the whole video ending says nothing."""
+    video = tmp_path / "truncated.avi"
+    video.write_bytes(vtest.read_bytes()[:1024 * 1024])
+    proc = edgecv(["track", str(video), "--model", "models/yolox_nano.onnx", "--mot", str(tmp_path / "t.txt"),
+                   "--classes", "person"], assets, tmp_path)
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    warned = re.findall(r"WARNING .*camera video: stopped \(end of file after (\d+) of 795 frames: "
+                        r"the file is truncated or damaged\)", proc.stderr)
+    played = int(re.search(r"(\d+) frames processed", proc.stdout + proc.stderr).group(1))
+    assert warned == [str(played)] and 50 < played < VTEST_FRAMES, proc.stderr
+    whole = edgecv(["track", str(assets / "media" / "mot" / "TUD-Campus" / "video.mp4"), "--model",
+                    "models/yolox_nano.onnx", "--mot", str(tmp_path / "w.txt"), "--classes", "person"], assets, tmp_path)
+    assert whole.returncode == 0 and "71 frames processed" in whole.stdout + whole.stderr, whole.stderr
+    assert "WARNING" not in whole.stderr, whole.stderr
+
+
 def test_garbage_bytes_named_avi_fail_the_camera_in_one_line(assets, tmp_path):
     video = tmp_path / "garbage.avi"
     video.write_bytes(random.Random(1).randbytes(300_000))

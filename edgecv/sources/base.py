@@ -201,7 +201,8 @@ class Source:
         """The thread has ended (end of file, failed, or stopped) and no frame is waiting."""
         return self._thread is not None and not self._thread.is_alive() and not self.slot.ready
 
-    def _set_state(self, state: str, reason: str = "") -> None:
+    def _set_state(self, state: str, reason: str = "", warn: bool = False) -> None:
+        """Record and log a state change (a warning when ``warn``, or when stalled or failed; else info)."""
         if self._fail_reason and state != "failed":
             return  # given up (fail()): the capture thread winding down does not change that
         reason = redact(reason, self.location)  # an error may quote the location, credentials and all
@@ -209,7 +210,7 @@ class Source:
             return
         self.state, self.reason = state, reason
         msg = f"camera {self.name}: {state}" + (f" ({reason})" if reason else "")
-        (log.warning if state in ("stalled", "failed") else log.info)(msg)
+        (log.warning if warn or state in ("stalled", "failed") else log.info)(msg)
         if self._on_state:
             self._on_state(self.name, state, reason)
 
@@ -301,7 +302,7 @@ class Source:
             if outcome == "eof":
                 if self.cfg.loop and self.stats.read > 0:
                     continue
-                self._set_state("stopped", self._eof_reason())
+                self._set_state("stopped", *self._eof_reason())
                 return False
             if outcome == "fail":
                 return False
@@ -413,8 +414,9 @@ class Source:
         """Frames per second to replay at (0: as fast as the source delivers)."""
         return 0.0
 
-    def _eof_reason(self) -> str:
-        return "end of file"
+    def _eof_reason(self) -> tuple[str, bool]:
+        """Why the stream ended at its end, and whether that deserves a warning (it ended early)."""
+        return "end of file", False
 
     def _on_read_failure(self) -> str:
         if self.state != "stalled":  # else the watchdog said so already, with how long it waited

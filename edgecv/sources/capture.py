@@ -41,12 +41,13 @@ class FileSource(Source):
         self._read_at_open = self.stats.read
         return cap
 
-    def _eof_reason(self) -> str:
-        """End of file; says so when the file ended well before the frame count its container announced."""
+    def _eof_reason(self) -> tuple[str, bool]:
+        """End of file; says so, as a warning, when the file ended well before the frame count its container
+        announced (``edgecv track`` and ``eval``, which log only warnings, then say it too)."""
         got, want = self.stats.read - self._read_at_open, self._announced
         if want and got < want * 0.95 and want - got > 2:
-            return f"end of file after {got} of {want} frames: the file is truncated or damaged"
-        return "end of file"
+            return f"end of file after {got} of {want} frames: the file is truncated or damaged", True
+        return "end of file", False
 
     def _pace(self) -> float:
         if not self.cfg.realtime:
