@@ -266,6 +266,12 @@ def test_eval_rejects_a_malformed_gt_file_and_an_unknown_camera(assets: Path, tm
     r = _cli(assets, tmp_path, "eval", str(assets / TUD / "video.mp4"), "--gt", str(bad),
              "--model", "models/yolox_nano.onnx")
     assert r.returncode == 1 and f"--gt: {bad}:2: expected numbers" in r.stderr
+    for rows in ("", "1,1,10,10,20,40,0,1,1\n"):  # nothing to score: empty, or every box flagged "not scored"
+        bad.write_text(rows)
+        r = _cli(assets, tmp_path, "eval", str(assets / TUD / "video.mp4"), "--gt", str(bad),
+                 "--model", "models/yolox_nano.onnx")
+        assert r.returncode == 1 and f"--gt: {bad}: no box to score against" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "-inf" not in r.stdout
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"node_id": "x", "model": {"path": "models/yolox_nano.onnx"},
                                    "cameras": {"front": {"source": str(assets / TUD / "video.mp4")}}}))

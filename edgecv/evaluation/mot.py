@@ -101,6 +101,9 @@ def load_gt(path: Union[str, Path]) -> MotSequence:
     cls = rows[:, 7].astype(np.int64)
     rows, cls = rows[~np.isin(cls, list(OCCLUDER_CLASSES))], cls[~np.isin(cls, list(OCCLUDER_CLASSES))]
     scored = (rows[:, 6] != 0) & ~np.isin(cls, list(DISTRACTOR_CLASSES))
+    if not scored.any():  # MOTA and IDF1 are undefined (-inf, nan): say why instead of printing them
+        raise EdgecvError(f"--gt: {path}: no box to score against (the file is empty, or every row has flag 0 "
+                          "or a distractor or occluder class)")
     frames: dict[int, FrameBoxes] = {}
     for f in np.unique(rows[:, 0]).astype(int).tolist():
         in_frame = rows[:, 0] == f
