@@ -11,6 +11,7 @@ Threads (no unbounded queue anywhere):
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
@@ -344,6 +345,18 @@ def _capture_time(item: Prepared) -> float:
     return item.frame.t_mono
 
 
+class _Turn:
+    """A camera's place in its worker's order: what goes to the worker's queue at this point (a frame with its
+    outputs, frames the detector skipped), known once ``done``."""
+
+    __slots__ = ("since", "done", "items")
+
+    def __init__(self, since: float = 0.0, items: Optional[list[tuple]] = None) -> None:
+        self.since = since  # since when the camera has waited for this frame's inference (monotonic)
+        self.done = items is not None
+        self.items: list[tuple] = items or []
+
+
 class InferenceWorker:
     """The inference threads: take ready frames from every camera, run every model on them in batches, hand each
     frame with all its models' outputs to its camera worker.
@@ -353,8 +366,12 @@ class InferenceWorker:
     rather than replacing the one taken), then the frames of the cameras that have waited longest
     (``models.max_batch`` at most). A camera waits from the capture of the frame that found its slot empty: a
     newer frame that replaced that one (a drop) keeps its place. Under load every camera waits alike, none is
-    starved by where it stands in the config, by when its frames arrive, or by having dropped one. A camera has at
-    most one frame waiting or in inference, so its frames reach its worker in the order they were read."""
+    starved by where it stands in the config, by when its frames arrive, or by having dropped one.
+
+    A live camera has at most one frame waiting or in inference. A replay (a blocking slot: every frame is
+    processed, as fast as the machine goes) may have one per lane, so that one file uses every lane (`edgecv
+    track`, `eval`); frames inferred out of turn wait for the earlier ones, so every camera's frames, inferred
+    or skipped by the detector, reach its worker in the order they were read."""
 
     def __init__(self, models: ModelSet | Detector, workers: dict[str, CameraWorker], notify: threading.Event,
                  max_frames: Optional[int] = None, failure_limit: int = 50) -> None:
@@ -367,16 +384,17 @@ class InferenceWorker:
         self.model_ms = {n: LatencyWindow() for n in self.models.names}  # per model, per frame
         self.frames = 0
         self.batches: dict[int, int] = {}  # chunks inferred, by size (frames of several cameras run together)
-        self._counts = {name: 0 for name in workers}
+        self._counts = {name: 0 for name in workers}  # frames taken from each camera's slot
         self._stop = threading.Event()
         self.lanes = max(1, self.models.parallel)
         # the first lane keeps the name "inference" (stats, CPU by role); the others are inference-2, -3...
         self._threads = [threading.Thread(target=self._run, args=(i,), name="inference" + (f"-{i + 1}" if i else ""),
                                           daemon=True) for i in range(self.lanes)]
         self._lock = threading.Lock()  # the waiting frames, their cameras, counts and failures: shared by the lanes
-        self._waiting: list[tuple[CameraWorker, Prepared]] = []  # collected, not yet taken by a lane
-        self._taken: set[str] = set()  # cameras with a frame waiting or in inference
-        self._since: dict[str, float] = {}  # camera -> since when its waiting frame's camera has waited (monotonic)
+        self._waiting: list[tuple[CameraWorker, Prepared, _Turn]] = []  # collected, not yet taken by a lane
+        self._taken = {name: 0 for name in workers}  # frames of each camera waiting or in inference
+        # each camera's turns not yet handed to its worker, in the order its frames were read
+        self._turns: dict[str, collections.deque[_Turn]] = {name: collections.deque() for name in workers}
         self._busy: dict[int, float] = {}  # lane -> monotonic time its chunk's inference began
         self.error: Optional[str] = None  # set when inference is given up (the pipeline has failed)
         self.failure_limit = failure_limit
@@ -402,7 +420,7 @@ class InferenceWorker:
         snapshot, no lock taken."""
         waiting = sum(1 for name, w in self.workers.items()
                       if name != camera and (item := w.source.slot.peek()) is not None and item.infer)
-        return len(self._taken) + waiting
+        return sum(self._taken.values()) + waiting
 
     def wait_ms(self, camera: str = "") -> float:
         """How long a frame of ``camera`` put now would wait for inference: the backlog times the recent time of
@@ -426,38 +444,65 @@ class InferenceWorker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def _collect(self) -> list[tuple[CameraWorker, Prepared]]:
-        """The frame ready in each camera's slot that has none waiting or in inference (lock held)."""
+    def _in_flight_limit(self, w: CameraWorker) -> int:
+        """Frames of a camera that may wait or be in inference at once (class docstring)."""
+        return self.lanes if w.source.slot.blocking else 1
+
+    def _collect(self) -> list[tuple[CameraWorker, Prepared, _Turn]]:
+        """The frame ready in each camera's slot that has fewer than its limit waiting or in inference (lock
+        held)."""
         ready = []
         for name, w in self.workers.items():
-            if name in self._taken or (self.max_frames is not None and self._counts[name] >= self.max_frames):
+            if self._taken[name] >= self._in_flight_limit(w) or (
+                    self.max_frames is not None and self._counts[name] >= self.max_frames):
                 continue
             item, since = w.source.slot.take_waiting()
             if item is None:
                 continue
             self._pass_skipped(w, item.before)
             if item.infer:
-                ready.append((w, item))
-                self._taken.add(name)
-                self._since[name] = since
+                self._counts[name] += 1
+                self._taken[name] += 1
+                turn = _Turn(since)
+                self._turns[name].append(turn)
+                ready.append((w, item, turn))
             else:  # the detector skips it (sources.gate): straight to the worker
                 self._pass_skipped(w, [item])
         return ready
 
-    def _next_chunk(self) -> list[tuple[CameraWorker, Prepared]]:
+    def _next_chunk(self) -> list[tuple[CameraWorker, Prepared, _Turn]]:
         """The frames of the cameras that have waited longest (at most ``models.max_batch``), frames newly ready in
         the slots collected first; empty when none is ready."""
         with self._lock:
             self._waiting.extend(self._collect())
-            self._waiting.sort(key=lambda item: self._since[item[0].name])
+            self._waiting.sort(key=lambda item: item[2].since)
             chunk, self._waiting = self._waiting[:self.models.max_batch], self._waiting[self.models.max_batch:]
             return chunk
 
     def _pass_skipped(self, w: CameraWorker, items: Sequence[Prepared]) -> None:
-        """Frames the detector skips, to their camera worker in order (its tracker predicts them)."""
-        for item in items:
-            self._counts[w.name] += 1
-            w.queue.put((item, (), ()))
+        """Frames the detector skips, to their camera worker in order (its tracker predicts them): at once, or
+        after the camera's frames still in inference (lock held)."""
+        if not items:
+            return
+        self._counts[w.name] += len(items)
+        self._turns[w.name].append(_Turn(items=[(item, (), ()) for item in items]))
+        self._deliver(w)
+
+    def _finish(self, w: CameraWorker, turn: _Turn, items: list[tuple], after: Sequence[Prepared]) -> None:
+        """A frame of ``w`` is through inference (``items``: what its worker gets for it, none when it failed),
+        followed by the skipped frames that rode along with it: handed on in the camera's order (lock held)."""
+        self._counts[w.name] += len(after)
+        turn.items = [*items, *((item, (), ()) for item in after)]
+        turn.done = True
+        self._taken[w.name] -= 1
+        self._deliver(w)
+
+    def _deliver(self, w: CameraWorker) -> None:
+        """Put the camera's turns that are done, up to its first still in inference, on its worker's queue."""
+        turns = self._turns[w.name]
+        while turns and turns[0].done:
+            for entry in turns.popleft().items:
+                w.queue.put(entry)
 
     def _all_done(self) -> bool:
         for name, w in self.workers.items():
@@ -483,28 +528,25 @@ class InferenceWorker:
         self.frame_ms = total if not self.frame_ms else 0.9 * self.frame_ms + 0.1 * total
         return per_model, placements
 
-    def _hand_over(self, items: Sequence[tuple[CameraWorker, Prepared]], per_model: list[list[np.ndarray]],
+    def _hand_over(self, items: Sequence[tuple[CameraWorker, Prepared, _Turn]], per_model: list[list[np.ndarray]],
                    placements: list[list[Any]], began: float = 0.0) -> None:
         inferred = (began, time.monotonic())  # the batch's inference (latency budget)
         with self._lock:
             self.failures_in_a_row = 0  # inferred: the run of failures is over
             self.batches[len(items)] = self.batches.get(len(items), 0) + 1
-            for i, (w, p) in enumerate(items):
-                self._counts[w.name] += 1
+            for i, (w, p, turn) in enumerate(items):
                 self.frames += 1
-                w.queue.put((p, [where[i] for where in placements],
-                             [[o[i:i + 1] for o in outputs] for outputs in per_model], inferred))
-                self._pass_skipped(w, p.after)
-                self._taken.discard(w.name)
+                self._finish(w, turn, [(p, [where[i] for where in placements],
+                                        [[o[i:i + 1] for o in outputs] for outputs in per_model], inferred)], p.after)
 
-    def _run_chunk(self, items: Sequence[tuple[CameraWorker, Prepared]], lane: int = 0) -> bool:
+    def _run_chunk(self, items: Sequence[tuple[CameraWorker, Prepared, _Turn]], lane: int = 0) -> bool:
         """Infer a chunk and hand its frames on. When inference fails, a chunk of several frames is tried again
         one frame at a time (so a frame that breaks the model costs only itself); a frame that fails alone is
         dropped and counted, the failure logged once per distinct message. Returns False once inference has
         failed ``failure_limit`` frames in a row: the pipeline has failed."""
         try:
             self._busy[lane] = began = time.monotonic()
-            per_model, placements = self._infer([p for _, p in items])
+            per_model, placements = self._infer([p for _, p, _ in items])
         except Exception as e:
             if len(items) > 1:
                 return all(self._run_chunk([item], lane) for item in items)
@@ -514,10 +556,10 @@ class InferenceWorker:
         self._hand_over(items, per_model, placements, began)
         return True
 
-    def _failed(self, item: tuple[CameraWorker, Prepared], e: Exception) -> bool:
+    def _failed(self, item: tuple[CameraWorker, Prepared, _Turn], e: Exception) -> bool:
         """One frame's inference failed: counted, dropped, logged once per message; False once ``failure_limit``
         frames in a row have failed."""
-        w, failed = item
+        w, failed, turn = item
         why = str(e) if isinstance(e, EdgecvError) else f"{type(e).__name__}: {e}"  # EdgecvError names the model
         msg = f"inference failed: {' '.join(why.split())}"
         with self._lock:
@@ -527,10 +569,8 @@ class InferenceWorker:
                           w.name, msg)
             self.failures += 1
             self.failures_in_a_row += 1
-            self._counts[w.name] += 1
             w.frame_failed(msg)
-            self._pass_skipped(w, failed.after)
-            self._taken.discard(w.name)
+            self._finish(w, turn, [], failed.after)
             if self.failures_in_a_row >= self.failure_limit:
                 self.error = self.error or f"inference failed on {self.failures_in_a_row} frames in a row: {msg}"
                 log.error(self.error)

@@ -43,17 +43,19 @@ class Overlap:
                 self.running -= 1
 
 
-def config(assets: Path, parallel: int | str, cameras: int = 3, realtime: bool = False) -> Any:
+def config(assets: Path, parallel: int | str, cameras: int = 3, realtime: bool = False, every_n: int = 1) -> Any:
     """``realtime``: the cameras' slots drop (a live camera's) instead of blocking (a replay's)."""
     source = str(assets / "media" / "vtest.avi")
     return parse({"node_id": "p", "mqtt": {"enabled": False}, "console": {"enabled": False},
                   "model": {"path": str(assets / "models" / "yolox_nano.onnx"), "classes": ["person"],
                             "threads": 1, "parallel": parallel},
-                  "cameras": {f"cam{i}": {"source": source, "realtime": realtime} for i in range(cameras)}})
+                  "cameras": {f"cam{i}": {"source": source, "realtime": realtime, "detect": {"every_n": every_n}}
+                              for i in range(cameras)}})
 
 
-def run(assets: Path, parallel: int) -> tuple[dict[str, list[tuple[int, tuple[int, ...]]]], Overlap, Pipeline]:
-    cfg = config(assets, parallel)
+def run(assets: Path, parallel: int, cameras: int = 3,
+        every_n: int = 1) -> tuple[dict[str, list[tuple[int, tuple[int, ...]]]], Overlap, Pipeline]:
+    cfg = config(assets, parallel, cameras, every_n=every_n)
     models = load_models(cfg)
     overlap = Overlap(models.detector.backend)
     seen: dict[str, list[tuple[int, tuple[int, ...]]]] = {name: [] for name in cfg.cameras}
@@ -76,6 +78,36 @@ def test_two_lanes_overlap_keep_each_cameras_order_and_give_the_tracks_of_one(as
         assert frames == one[cam], f"{cam}: tracks differ from one lane's"
     assert pipe.inference.frames == 3 * FRAMES and sum(pipe.inference.batches.values()) == 3 * FRAMES
     assert pipe.inference.busy_since == 0.0 and not pipe.inference.alive
+
+
+@pytest.mark.parametrize("every_n", [1, 3])
+def test_one_replay_uses_every_lane_and_its_frames_still_arrive_in_order(assets: Path, every_n: int) -> None:
+    """A file replayed with no drop (``realtime: false``: `edgecv track`, `eval`) may have a frame in inference on
+    each lane: one camera uses both. Frames inferred out of turn wait for the earlier ones, and the frames the
+    detector skips (``every_n``) keep their place, so the worker sees every frame in order and the tracks are those
+    of one lane."""
+    one, single, _ = run(assets, 1, cameras=1, every_n=every_n)
+    two, overlap, pipe = run(assets, 2, cameras=1, every_n=every_n)
+    assert single.most == 1
+    assert overlap.most == 2, "one replay never had two frames in inference at once"
+    assert overlap.threads == {"inference", "inference-2"}
+    assert [i for i, _ in two["cam0"]] == list(range(1, FRAMES + 1)), "frames out of order or missing"
+    assert two["cam0"] == one["cam0"], "tracks differ from one lane's"
+    worker = pipe.workers["cam0"]
+    assert worker.frames_inferred == pipe.inference.frames == len(range(1, FRAMES + 1, every_n))
+    assert worker.processed == FRAMES and not any(pipe.inference._taken.values())
+
+
+def test_a_live_camera_never_has_two_frames_in_inference(assets: Path) -> None:
+    """A live camera keeps its one-frame limit (its newest frame is what counts; no frame waits behind another)."""
+    cfg = config(assets, 2, cameras=1, realtime=True)
+    pipe = Pipeline(cfg, load_models(cfg), sinks=[])
+    inference, stop, slot = pipe.inference, threading.Event(), pipe.sources["cam0"].slot
+    for index in (1, 2):
+        assert slot.put(Prepared(Frame("cam0", index, float(index), 0.0, np.zeros((8, 8, 3), np.uint8)), ()), stop)
+        chunk = inference._next_chunk()
+        assert [item.frame.index for _, item, _ in chunk] == ([1] if index == 1 else [])
+    assert slot.ready and inference._taken["cam0"] == 1
 
 
 def test_auto_is_the_cores_over_the_threads_and_one_for_a_backend_that_cannot(assets: Path) -> None:
@@ -122,7 +154,7 @@ def test_the_oldest_frame_waiting_is_inferred_first_whichever_camera_it_is(asset
     """Under load every camera waits alike: a lane takes the frame captured first among those waiting, and a frame
     that became ready after the others were collected still goes before the younger ones among them (not after
     all of them, which starved the cameras whose frames kept arriving just after a collection)."""
-    cfg = config(assets, 2, cameras=3)
+    cfg = config(assets, 2, cameras=3, realtime=True)
     pipe = Pipeline(cfg, load_models(cfg), sinks=[])
     inference, stop = pipe.inference, threading.Event()
     assert inference.models.max_batch == 1
@@ -144,7 +176,7 @@ def test_the_oldest_frame_waiting_is_inferred_first_whichever_camera_it_is(asset
     assert next_one() == ("cam1", 1)
     assert next_one() == ("cam0", 1)
     assert inference._next_chunk() == []  # cam2's second frame: not while its first is being inferred
-    inference._taken.discard("cam2")  # its first frame handed over
+    inference._taken["cam2"] -= 1  # its first frame handed over
     assert next_one() == ("cam2", 2)
 
 
@@ -165,7 +197,7 @@ def test_a_camera_whose_waiting_frame_was_replaced_keeps_its_place(assets: Path)
     put("cam1", 1, 20.0)
     put("cam0", 2, 40.0)  # replaces cam0's first frame: cam0 has waited since 10
     assert pipe.sources["cam0"].slot.dropped == 1
-    order = [(item.frame.camera, item.frame.index) for _, item in
+    order = [(item.frame.camera, item.frame.index) for _, item, _ in
              (pipe.inference._next_chunk()[0], pipe.inference._next_chunk()[0])]
     assert order == [("cam0", 2), ("cam1", 1)]
     put("cam0", 3, 50.0)  # cam0's slot was empty again: it waits from this frame's capture on
