@@ -49,6 +49,7 @@ MAX_DEVICE_INDEX = 1023  # V4L2 device index (a camera index must fit the captur
 MAX_TOPIC_PREFIX = 256  # characters; MQTT allows topics of up to 65,535 bytes
 MAX_BATCH = 64  # model.batch: frames inferred together
 MAX_PARALLEL = 16  # model.parallel: frames inferred at the same time
+MAX_DECODE_THREADS = 16  # cameras.<name>.decode_threads (OpenCV caps FFmpeg's threads at 16 too)
 
 
 class ConfigError(Exception):
@@ -266,12 +267,23 @@ class CameraConfig(_Model):
     open_timeout_s: float = Field(10.0, gt=0, le=600, description="Network streams: give up opening after this")
     read_timeout_s: float = Field(10.0, gt=0, le=600, description="Network streams: give up a read after this")
     stall_timeout_s: float = Field(10.0, gt=0, le=3600, description="No frame for this long: stalled, reconnect")
+    decode_threads: Union[Literal["auto"], int] = Field(
+        "auto", description="FFmpeg decoding threads (files and network streams), 1 to 16. FFmpeg decodes H.264, "
+        "H.265 and MPEG-4 frames in parallel by holding back one frame per extra thread, each a frame interval of "
+        "latency (measured: README, Capacity, FFmpeg's frame threads). auto: 1 for network streams (a camera's "
+        "events on time); FFmpeg's own choice, one per core, for files (throughput). Raise it for a stream one core "
+        "cannot decode at its frame rate (4K)")
     reconnect: ReconnectConfig = Field(ReconnectConfig(), description="Capped exponential backoff between retries")
     zones: dict[str, ZoneConfig] = Field(default_factory=dict, description="Polygon zones by name")
     lines: dict[str, LineConfig] = Field(default_factory=dict, description="Counting lines by name")
     objects: ObjectEventsConfig = Field(ObjectEventsConfig(), description="object.new / object.lost events")
     driving: Optional[DrivingConfig] = Field(None, description="Dash-cam rules: collision warning, drivable-area zone")
     detect: DetectConfig = Field(DetectConfig(), description="Which frames the detector runs on (every_n, motion_gate)")
+
+    @field_validator("decode_threads", mode="before")
+    @classmethod
+    def _decode_threads(cls, v: Any) -> Any:
+        return _auto_or_count(v, MAX_DECODE_THREADS)
 
     @field_validator("pace_fps")
     @classmethod

@@ -33,7 +33,8 @@ class FileSource(Source):
         path = Path(self.location)
         if not path.is_file():
             raise OpenError(f"video file not found: {path}")
-        cap = _open_capture(str(path), cv2.CAP_FFMPEG)
+        threads = self.cfg.decode_threads
+        cap = _open_capture(str(path), cv2.CAP_FFMPEG, [] if threads == "auto" else [cv2.CAP_PROP_N_THREADS, threads])
         if cap is None:
             raise OpenError(f"cannot open video file {path}: not a video or unsupported format")
         count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
@@ -66,7 +67,8 @@ class RtspSource(Source):
 
     A read blocks inside FFmpeg and cannot be interrupted from the watchdog's thread, so the read timeout
     is at most `stall_timeout_s`: a silent stream (hung camera, dead network path with the TCP connection
-    still open) is given up and reconnected when the watchdog calls it stalled, not later.
+    still open) is given up and reconnected when the watchdog calls it stalled, not later. Decoded on one
+    thread unless `decode_threads` says otherwise: FFmpeg's frame threads hold a frame back each.
     """
 
     def read_timeout_s(self) -> float:
@@ -74,9 +76,12 @@ class RtspSource(Source):
 
     def _open(self) -> cv2.VideoCapture:
         ffmpeg_capture_options(transport_tcp=True)
+        threads = self.cfg.decode_threads
         params = [
             cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.cfg.open_timeout_s * 1000),
             cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.read_timeout_s() * 1000),
+            # one thread unless told: FFmpeg's frame threads each hold a frame back (config decode_threads)
+            cv2.CAP_PROP_N_THREADS, 1 if threads == "auto" else threads,
         ]
         cap = _open_capture(self.location, cv2.CAP_FFMPEG, params)
         if cap is None:
