@@ -270,6 +270,21 @@ class Window:
     stats: dict[str, Any]  # the last stats message
     events_ms: np.ndarray  # capture -> subscriber of the events captured in the window
     cpu_s: float
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU ms per processed frame by stage, in the window
+
+
+def window_cpu_ms(first: dict[str, Any], last: dict[str, Any]) -> dict[str, float]:
+    """CPU milliseconds per processed frame by stage over the window between two stats messages (their
+    ``cpu_ms_per_frame`` count from the daemon's start: taken apart by the frames processed at each)."""
+    def frames(stats: dict[str, Any]) -> int:
+        return sum(cam.get("frames_processed", 0) for cam in stats["cameras"].values())
+
+    before, after = first.get("cpu_ms_per_frame", {}), last.get("cpu_ms_per_frame", {})
+    n0, n1 = frames(first), frames(last)
+    if n1 <= n0:
+        return {}
+    # (each figure is rounded to the microsecond: a stage with no CPU in the window may come out a hair below 0)
+    return {role: max(0.0, (ms * n1 - before.get(role, 0.0) * n0) / (n1 - n0)) for role, ms in after.items()}
 
 
 def _deltas(first: dict[str, Any], last: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -342,7 +357,8 @@ def run_window(setup: Setup, node: str, cameras: int, warmup_s: float, duration_
         raise EdgecvError(f"{label}: {out.get('error') or f'the daemon stopped before the end (exit {code})'}")
     since, until = out["wall"]
     events = receiver.latencies_ms(since, until) if receiver is not None else np.zeros(0)
-    return Window(out["seconds"], _deltas(out["first"], out["last"]), out["last"], events, out["cpu"])
+    return Window(out["seconds"], _deltas(out["first"], out["last"]), out["last"], events, out["cpu"],
+                  window_cpu_ms(out["first"], out["last"]))
 
 
 def model_only(setup: Setup, runs: int, at_once: bool = True) -> dict[str, Any]:
@@ -492,11 +508,12 @@ def bench_capacity(args: argparse.Namespace, stream: TextIO = sys.stdout) -> int
             _say("model-only throughput ...")
             infer = model_only(setup, _runs(args))
             print(_capacity_header(setup, infer, broker, warmup), file=stream, flush=True)
-            rows = []
+            rows, cpu_lines = [], []
             for n in counts:
                 _say(f"{n} cameras: {warmup:.0f} s warm-up, {duration:.0f} s measured")
                 w = run_window(setup, f"capacity{n}", n, warmup, duration, receiver, f"{n} cameras")
                 rows.append(capacity_row(n, setup.fps, w, receiver is not None))
+                cpu_lines.append(cpu_line(n, w.cpu_ms))
                 _say(f"{n} cameras: " + ", ".join(f"{h} {c}" for h, c in zip(CAPACITY_COLUMNS[1:], _cells(rows[-1])[1:])))
         finally:
             if receiver is not None:
@@ -504,8 +521,18 @@ def bench_capacity(args: argparse.Namespace, stream: TextIO = sys.stdout) -> int
             if broker is not None:
                 broker.stop()
     print(grid(CAPACITY_COLUMNS, [_cells(r) for r in rows]), file=stream)
+    print("CPU ms per processed frame, by stage (the measured window):", file=stream)
+    print("\n".join(cpu_lines), file=stream)
     print(_verdict(rows, infer["fps"], setup.fps), file=stream, flush=True)
     return 0
+
+
+def cpu_line(cameras: int, cpu_ms: dict[str, float]) -> str:
+    """One count's CPU per processed frame by stage (:mod:`edgecv.cpu` roles), the total last."""
+    if not cpu_ms:
+        return f"  {cameras} cameras: no frame processed in the window"
+    parts = [f"{role} {ms:.2f}" for role, ms in sorted(cpu_ms.items(), key=lambda kv: -kv[1]) if role != "total"]
+    return f"  {cameras} cameras: " + ", ".join(parts) + f"; total {cpu_ms.get('total', sum(cpu_ms.values())):.2f}"
 
 
 # ---- latency

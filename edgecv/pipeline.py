@@ -393,6 +393,8 @@ class InferenceWorker:
         self._lock = threading.Lock()  # the waiting frames, their cameras, counts and failures: shared by the lanes
         self._waiting: list[tuple[CameraWorker, Prepared, _Turn]] = []  # collected, not yet taken by a lane
         self._taken = {name: 0 for name in workers}  # frames of each camera waiting or in inference
+        # how many it may have (class docstring): one per lane for a replay with no drop, else one
+        self._limit = {name: self.lanes if w.source.slot.blocking else 1 for name, w in workers.items()}
         # each camera's turns not yet handed to its worker, in the order its frames were read
         self._turns: dict[str, collections.deque[_Turn]] = {name: collections.deque() for name in workers}
         self._busy: dict[int, float] = {}  # lane -> monotonic time its chunk's inference began
@@ -444,16 +446,12 @@ class InferenceWorker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def _in_flight_limit(self, w: CameraWorker) -> int:
-        """Frames of a camera that may wait or be in inference at once (class docstring)."""
-        return self.lanes if w.source.slot.blocking else 1
-
     def _collect(self) -> list[tuple[CameraWorker, Prepared, _Turn]]:
         """The frame ready in each camera's slot that has fewer than its limit waiting or in inference (lock
         held)."""
         ready = []
         for name, w in self.workers.items():
-            if self._taken[name] >= self._in_flight_limit(w) or (
+            if self._taken[name] >= self._limit[name] or (
                     self.max_frames is not None and self._counts[name] >= self.max_frames):
                 continue
             item, since = w.source.slot.take_waiting()

@@ -2,6 +2,7 @@
 model and clip) and print their tables; the speed figures themselves are printed, never asserted."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,11 @@ def test_capacity_prints_a_row_per_camera_count_and_the_verdict(assets, tmp_path
     assert row[0] == "2" and row[-1] in ("yes", "NO") and len(row) == len(CAPACITY_COLUMNS), lines[header + 2]
     assert float(row[1]) > 0  # the worst camera processed frames
     assert lines[-1].startswith("largest camera count that holds: "), proc.stdout
+    cpu = re.fullmatch(r"  2 cameras: (.*); total (\d+\.\d\d)", lines[-2])
+    assert cpu and lines[-3].startswith("CPU ms per processed frame, by stage"), proc.stdout
+    stages = dict(part.rsplit(" ", 1) for part in cpu.group(1).split(", "))
+    assert {"inference", "capture", "workers"} <= stages.keys() and float(stages["inference"]) > 0, proc.stdout
+    assert float(cpu.group(2)) == pytest.approx(sum(map(float, stages.values())), abs=0.05), proc.stdout
     assert "2 cameras: " in proc.stderr  # progress on stderr
 
 
