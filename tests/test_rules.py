@@ -17,7 +17,7 @@ from edgecv.analytics.rules import Debounce, EventType, FrameContext, LineRule, 
 from edgecv.config import (CameraConfig, CollisionConfig, DrivableZoneConfig, DrivingConfig, LineConfig,
                            ObjectEventsConfig, ZoneConfig)
 from edgecv.pipeline import build_rules
-from edgecv.types import EVENT_SCHEMA, Detections, Event
+from edgecv.types import EVENT_SCHEMA, Detections, Event, in_classes
 
 FPS = 4.0
 NAMES = ("person", "bicycle", "car")
@@ -537,3 +537,17 @@ def test_build_rules_makes_the_rules_of_a_camera_in_order() -> None:
         ("ObjectRule", "", None), ("ZoneRule", "a", {CAR}), ("ZoneRule", "b", None),
         ("LineRule", "door", {PERSON, CAR}), ("CollisionRule", "collision", {CAR})]
     assert not rules[0].emit_lost  # type: ignore[attr-defined]
+
+
+def test_in_classes_is_np_isin_and_select_keeps_only_the_rules_classes() -> None:
+    rng = np.random.default_rng(3)
+    for n, k in [(0, 1), (5, 0), (1, 1), (12, 1), (12, 2), (40, 5), (300, 80)]:
+        ids = rng.integers(0, 80, n).astype(np.int64)
+        wanted = rng.choice(80, k, replace=False).astype(np.int32)
+        if k and n:
+            ids[0] = wanted[0]  # at least one hit
+        assert np.array_equal(in_classes(ids, wanted), np.isin(ids, wanted)), (n, k)
+    tracks = Detections(np.tile([[0, 0, 10, 10]], (4, 1)), [0.9] * 4, [0, 2, 0, 1], track_id=[1, 2, 3, 4])
+    assert Rule("r", class_ids={0, 1}).select(tracks).track_id.tolist() == [1, 3, 4]
+    assert Rule("r", class_ids={0, 1, 2}).select(tracks) is tracks  # all of them: the same (read-only) tracks
+    assert len(Rule("r", class_ids={5}).select(tracks)) == 0

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, Iterable, Mapping, Optional, Seq
 import cv2
 import numpy as np
 
-from ..types import Detections, Event, ObjectInfo, SemanticMasks
+from ..types import Detections, Event, ObjectInfo, SemanticMasks, in_classes
 
 if TYPE_CHECKING:
     from ..config import LineConfig, ObjectEventsConfig, ZoneConfig
@@ -92,10 +92,11 @@ class Rule:
         return self.class_ids is None or int(class_id) in self.class_ids
 
     def select(self, tracks: Detections) -> Detections:
-        """The tracks of the classes this rule watches."""
+        """The tracks of the classes this rule watches (``tracks`` itself when that is all of them: read only)."""
         if self.class_ids is None:
             return tracks
-        return tracks[np.isin(tracks.class_id, np.fromiter(self.class_ids, np.int32, len(self.class_ids)))]
+        wanted = in_classes(tracks.class_id, np.fromiter(self.class_ids, np.int32, len(self.class_ids)))
+        return tracks if wanted.all() else tracks[wanted]
 
     def _cooled(self, track_id: int, kind: str, t: float) -> bool:
         """True when this track may emit `kind` now (and records it)."""

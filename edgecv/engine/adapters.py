@@ -26,7 +26,7 @@ from edgecv import EdgecvError, EdgecvWarning
 from edgecv.engine.backend import Backend, format_shape
 from edgecv.engine.coco import COCO_NAMES
 from edgecv.engine.ops import InputSpec, Letterbox, cxcywh_to_xyxy, nms
-from edgecv.types import Detections
+from edgecv.types import Detections, in_classes
 
 log = logging.getLogger("edgecv.engine")
 
@@ -207,7 +207,7 @@ class Detector(abc.ABC):
             self._warn_outputs(score, finite)
             cxcywh, score, class_id = cxcywh[finite], np.minimum(score[finite], 1.0), class_id[finite]
         if self.class_filter is not None:
-            wanted = np.isin(class_id, self.class_filter)
+            wanted = in_classes(class_id, self.class_filter)
             cxcywh, score, class_id = cxcywh[wanted], score[wanted], class_id[wanted]
         xyxy = cxcywh_to_xyxy(cxcywh)
         keep = nms(xyxy, score, class_id, self.iou, self.max_det)

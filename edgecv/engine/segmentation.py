@@ -38,7 +38,7 @@ from edgecv import EdgecvError
 from edgecv.engine.adapters import Letterbox, Yolov8Detector, infer_in_chunks, metadata_names, model_input_size
 from edgecv.engine.backend import Backend, format_shape
 from edgecv.engine.ops import cxcywh_to_xyxy, letterbox, nms, to_chw
-from edgecv.types import Detections, SemanticMasks
+from edgecv.types import Detections, SemanticMasks, in_classes
 
 __all__ = ["InputRegion", "SemanticSegmenter", "Yolov8SegDetector", "instance_masks", "model_output_shapes"]
 
@@ -176,7 +176,7 @@ class Yolov8SegDetector(Yolov8Detector):
         for i, box in enumerate(boxes):
             cxcywh, score, class_id, coef = self._seg_candidates(det[i])
             if self.class_filter is not None:
-                wanted = np.isin(class_id, self.class_filter)
+                wanted = in_classes(class_id, self.class_filter)
                 cxcywh, score, class_id, coef = cxcywh[wanted], score[wanted], class_id[wanted], coef[wanted]
             xyxy = cxcywh_to_xyxy(cxcywh)
             keep = nms(xyxy, score, class_id, self.iou, self.max_det)
