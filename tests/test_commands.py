@@ -4,6 +4,7 @@ namespace and never disturb the daemon; with commands disabled nothing is subscr
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -11,6 +12,8 @@ from broker import Subscriber
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mqtt_daemon import Daemon, Publisher, demo_config, events, module_broker, replies, stats, wait_reply, write_config
+
+from edgecv.publish.commands import LOG_BURST, LOG_WINDOW_S, LogBudget
 
 pytestmark = pytest.mark.integration
 
@@ -146,14 +149,20 @@ def test_fuzzed_commands_each_get_a_reply_and_do_no_harm(running):
         pub.send(topic, payload, wait=False)
         sent.append(topic)
 
-    t0 = time.monotonic()
+    t0, log_start = time.monotonic(), len(d.stderr)
     publish()
     commands = sorted(t for t in sent if command_like(t))
     assert len(commands) >= 60, "the strategy should hit the command namespace often"
     ok = sub.wait_for(lambda ms: len(replies(sub)) - before >= len(commands), 20)
     got = sorted(r["topic"] for r in replies(sub)[before:])
     assert ok and got == commands, (len(got), len(commands))
-    assert time.monotonic() - t0 < 30
+    elapsed = time.monotonic() - t0
+    assert elapsed < 30
+    # the flood did not flood the log: at most LOG_BURST command lines a window, one more to count the rest
+    logged = [ln for ln in d.stderr[log_start:].splitlines() if "edgecv.commands" in ln]
+    bound = (elapsed // LOG_WINDOW_S + 2) * (LOG_BURST + 1)  # the windows the fuzzing touched
+    assert len(logged) <= bound, (len(logged), len(commands))
+    assert len(commands) <= bound or len(logged) < len(commands)
     # whatever was switched off, the daemon still runs: switch both cameras on, events keep coming
     for cam in ("street", "other"):
         pub.send(f"{NODE}/{cam}/detect/set", "ON")
@@ -189,3 +198,19 @@ def test_commands_disabled_subscribes_nothing(assets, broker, running, tmp_path)
     log = broker.log.read_text(errors="replace")
     assert "Received SUBSCRIBE from edgecv-demo" in log, "the broker log should show the enabled daemon's SUBSCRIBE"
     assert "Received SUBSCRIBE from edgecv-quiet" not in log
+
+
+def test_a_flood_of_commands_is_logged_in_bounded_lines_and_counted(caplog):
+    """At most LOG_BURST command lines a window; the lines left out are counted and said once, when the next
+    window opens (a fake clock: no sleeping)."""
+    now = [100.0]
+    budget = LogBudget(burst=3, window_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="edgecv.commands"):
+        for i in range(50):  # one window: 3 logged, 47 left out
+            budget.log(logging.WARNING, "command %s rejected: %s", f"t{i}", "why")
+        now[0] += 10.0
+        budget.log(logging.INFO, "command %s: %s", "next", "done")  # the next window: the count, then the line
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgecv.commands"]
+    assert lines[:3] == [f"command t{i} rejected: why" for i in range(3)]
+    assert lines[3].startswith("47 more command log lines left out in the last 10 s")
+    assert lines[4:] == ["command next: done"] and budget.suppressed == 0

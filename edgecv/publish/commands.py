@@ -16,6 +16,10 @@ Rejected with a reply naming the reason: another topic in the namespace, an unkn
 1 KiB or not UTF-8, a detect payload other than ON/OFF. A retained message (delivered because it was left on the
 broker) is ignored with a log line and no reply: a command acts once, when it is sent. paho calls :meth:`handle` on
 its network thread: every command is a flag or a dict update, and nothing escapes it.
+
+A flood of commands (a client in a loop, a fuzzer) must not flood the log: at most ``LOG_BURST`` command lines are
+logged in ``LOG_WINDOW_S`` seconds; past that, one line per window says how many were left out. Every command
+still gets its reply.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import json
 import logging
 import re
 import threading
+import time
 from typing import Any, Callable, Optional
 
 from .state import StateService
@@ -30,6 +35,8 @@ from .state import StateService
 log = logging.getLogger("edgecv.commands")
 
 MAX_PAYLOAD = 1024
+LOG_BURST = 20  # command log lines per window at most (module docstring)
+LOG_WINDOW_S = 10.0
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -43,6 +50,33 @@ def printable(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class LogBudget:
+    """At most ``burst`` lines per ``window_s`` seconds; the lines left out are counted and said once the window is
+    over, with the next line that may be logged (or, when none comes, at the next one that does)."""
+
+    def __init__(self, burst: int = LOG_BURST, window_s: float = LOG_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.window_s, self.clock = burst, window_s, clock
+        self._start = -float("inf")
+        self._used = 0
+        self.suppressed = 0  # in the current window
+        self._lock = threading.Lock()
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        with self._lock:
+            now = self.clock()
+            if now - self._start >= self.window_s:
+                if self.suppressed:
+                    log.warning("%d more command log lines left out in the last %.0f s (a flood of commands? each "
+                                "still got its reply)", self.suppressed, now - self._start)
+                self._start, self._used, self.suppressed = now, 0, 0
+            if self._used >= self.burst:
+                self.suppressed += 1
+                return
+            self._used += 1
+        log.log(level, msg, *args)
+
+
 class CommandHandler:
     """Parses, checks and carries out commands; installs itself on the publisher (subscriptions, message handler)."""
 
@@ -52,6 +86,7 @@ class CommandHandler:
         self.state = state
         self.reload = reload
         self.handled = 0  # commands answered
+        self.log = LogBudget()
         publisher.subscriptions.extend(self.topics.command_filters)
         publisher.on_message = self.handle
 
@@ -65,8 +100,8 @@ class CommandHandler:
             if self.topics.command_path(topic) is None or topic in self.state.retained.topics():
                 return  # not a command (one of our own topics matching a filter)
             if msg.retain:
-                log.warning("command %s ignored: a retained message left on the broker (commands are not retained)",
-                            printable(topic))
+                self.log.log(logging.WARNING, "command %s ignored: a retained message left on the broker (commands "
+                             "are not retained)", printable(topic))
                 return
             self._reply(topic, self._run(topic, bytes(msg.payload)))
         except Exception as e:  # a defect: still one line and a reply, never paho's thread
@@ -86,9 +121,9 @@ class CommandHandler:
         try:
             done = self._dispatch(topic, payload)
         except CommandError as e:
-            log.warning("command %s rejected: %s", printable(topic), e)
+            self.log.log(logging.WARNING, "command %s rejected: %s", printable(topic), e)
             return str(e)
-        log.info("command %s: %s", printable(topic), done)
+        self.log.log(logging.INFO, "command %s: %s", printable(topic), done)
         return None
 
     def _dispatch(self, topic: str, payload: bytes) -> str:
