@@ -315,7 +315,9 @@ def test_healthz_turns_503_naming_the_blocked_capture_when_its_pipe_stops(piped)
 
 
 def test_events_counter_equals_the_events_the_subscriber_received(piped):
-    # after the freeze (the test above, or here) the pipeline is quiescent: no frame, so no event, comes
+    # some events first (run alone, this test would freeze the pipe before any), then the freeze (the test above,
+    # or here): the pipeline is quiescent, no frame, so no event, comes
+    assert wait_until(lambda: total(piped.scrape(), "edgecv_events_total", camera="pipe") > 0, 30)
     piped.extra["writer"].freeze.set()
     assert wait_until(lambda: get(piped.url("/healthz"))[0] == 503, 15)
     counted = total(piped.scrape(), "edgecv_events_total", camera="pipe")
@@ -366,3 +368,38 @@ def test_non_loopback_host_needs_allow_remote(assets, tmp_path, host, allow_remo
     if code == 2:
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("http.host: ") and "allow_remote" in lines[0], lines
+
+
+def test_idle_and_excess_connections_cost_a_bounded_number_of_threads(monkeypatch):
+    """A client that opens connections without end, or holds them open without a request, gets at most
+    MAX_CONNECTIONS threads of the daemon; the rest are closed at once, the idle ones dropped after the socket
+    timeout, and then the server answers again."""
+    from edgecv.config import HttpConfig
+    from edgecv.web import server
+
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(server, "SOCKET_TIMEOUT_S", 3.0)
+    srv = server.OperatorServer(HttpConfig(port=free_port()))
+    srv.start()
+    try:
+        threads = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(12)]
+        assert wait_until(lambda: srv.httpd.refused == 8, 2.5), (srv.httpd.active, srv.httpd.refused)
+        assert srv.httpd.active == 4
+        assert threading.active_count() - threads <= 4
+        closed = 0
+        for s in idle:  # the refused ones are closed by the server: end of stream, no reply
+            s.settimeout(0.2)
+            try:
+                closed += s.recv(1) == b""
+            except (socket.timeout, ConnectionResetError):
+                pass
+        assert closed >= 8
+        assert wait_until(lambda: srv.httpd.active == 0, 8), "idle connections were not dropped after the timeout"
+        for s in idle:
+            s.close()
+        with pytest.raises(urllib.error.HTTPError) as answer:  # no pipeline attached: 503 "starting"
+            urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=5)
+        assert answer.value.code == 503 and answer.value.read() == b"starting\n"
+    finally:
+        srv.stop()

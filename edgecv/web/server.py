@@ -10,6 +10,10 @@ daemon.
   ``/cameras.json``: the same figures; ``/cameras/<name>/latest.jpg`` the newest annotated frame,
   ``/cameras/<name>/stream.mjpeg`` the same as an MJPEG stream at most ``preview_fps`` frames a second
   (``?grid=1``: with a coordinate grid in source pixels).
+
+Hostile clients cost the daemon a bounded amount: at most ``MAX_CONNECTIONS`` connections are served at once (a
+thread each; more are closed at once), and a connection that sends no request, or a stream viewer that reads
+nothing, for ``SOCKET_TIMEOUT_S`` is dropped.
 """
 from __future__ import annotations
 
@@ -36,9 +40,46 @@ log = logging.getLogger("edgecv.http")
 BOUNDARY = "edgecv-frame"
 
 
+MAX_CONNECTIONS = 32  # served at once (a thread each); more are closed at once (the module docstring)
+SOCKET_TIMEOUT_S = 10.0  # a client that sends no request, or reads nothing of a stream, for this long is dropped
+
+
 class _Server4(ThreadingHTTPServer):
     daemon_threads = True  # a viewer's open stream never holds up the exit
     app: "OperatorServer"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.active = 0  # connections being served now
+        self.refused = 0  # connections closed at once because MAX_CONNECTIONS were being served
+        self._count = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread per connection, but at most ``MAX_CONNECTIONS`` at once: a client opening connections without
+        end (or holding them open without a request) costs the daemon a bounded number of threads."""
+        with self._count:
+            full = self.active >= MAX_CONNECTIONS
+            if full:
+                self.refused += 1
+            else:
+                self.active += 1
+        if full:
+            log.debug("http: %d connections served already: %s closed", MAX_CONNECTIONS, client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # its thread did not start: it was never served
+            with self._count:
+                self.active -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count:
+                self.active -= 1
 
 
 class _Server6(_Server4):
@@ -128,6 +169,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     server_version = "edgecv"
 
+    def setup(self) -> None:
+        self.timeout = SOCKET_TIMEOUT_S  # read at setup (module constant, so a test can shorten it)
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
@@ -143,8 +188,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._camera(app, parts[1], parts[2], grid)
             else:
                 self._route(app, url.path)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client went away, or stopped reading (a stream it no longer takes)
 
     def _route(self, app: OperatorServer, path: str) -> None:
         if path == "/metrics":
