@@ -171,6 +171,30 @@ def test_fuzzed_commands_each_get_a_reply_and_do_no_harm(running):
     assert d.proc.poll() is None and "Traceback" not in d.stderr
 
 
+def peak_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def test_a_huge_command_never_reaches_the_daemon(running):
+    """MQTT 5's Maximum Packet Size (sent on CONNECT): the broker drops a command too large for us instead of
+    sending it, so a 50 MB payload costs the daemon nothing (before: paho read it whole, a few copies of it, and
+    the reply said it was too long). A 2 KB one still gets its reply, and the one before it none."""
+    d, sub, pub = running
+    topic = f"{NODE}/other/snapshot/set"
+
+    def answers() -> list[dict]:
+        return [r for r in replies(sub) if r["topic"] == topic]
+
+    before, peak = len(answers()), peak_rss_kb(d.proc.pid)
+    pub.send(topic, b"x" * 50_000_000, wait=True)
+    pub.send(topic, b"y" * 2000)
+    assert sub.wait_for(lambda ms: len(answers()) > before, 20)  # (a reply to the huge one would have come first)
+    assert [r["error"] for r in answers()[before:]] == ["payload of 2000 bytes, at most 1024 are allowed"], \
+        "the huge command reached the daemon"
+    assert peak_rss_kb(d.proc.pid) - peak < 25_000, "the daemon's peak memory grew by half the payload or more"
+
+
 def test_reload_command_is_a_sighup(running):
     d, sub, pub = running
     pub.send(f"{NODE}/reload/set", "")

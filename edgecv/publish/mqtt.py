@@ -57,6 +57,10 @@ from .topics import Topics
 log = logging.getLogger("edgecv.mqtt")
 
 MAX_INFLIGHT = 100
+# MQTT 5 CONNECT Maximum Packet Size: the broker must not send us more (it drops a larger message). We subscribe
+# only to commands (payloads of at most 1 KiB), so a hostile 200 MB "command" never reaches paho's memory: it had
+# raised the daemon's peak RSS from 201 to 794 MB (README, Commands)
+MAX_INCOMING_PACKET = 65536
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 PROMPT_DROP_S = 1.0  # a drop this soon after an event was sent: upon that event
@@ -440,8 +444,17 @@ class MqttPublisher:
         self._recent_mids.clear()
         with self._sends_lock:
             self._unacked.clear()
-        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        self._connect_async()
         self.client.loop_start()
+
+    def _connect_async(self) -> None:
+        """Connect in the background (paho reconnects with the same settings); MQTT 5 also says how large a packet
+        the broker may send us (``MAX_INCOMING_PACKET``)."""
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.MaximumPacketSize = MAX_INCOMING_PACKET
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, properties=props)
 
     def _over_limit(self, topic: str, payload_bytes: int, qos: int,
                     properties: Optional[Properties] = None) -> Optional[int]:
@@ -462,7 +475,7 @@ class MqttPublisher:
         return self._connected.is_set()
 
     def start(self) -> None:
-        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        self._connect_async()
         self.client.loop_start()
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
         self._sender.start()
