@@ -19,6 +19,15 @@ def _open_capture(location, api: int, params: Optional[list[int]] = None) -> cv2
     return cap
 
 
+def decode_threads_param(setting: int | str, auto: int | str) -> list[int]:
+    """OpenCV open parameters for FFmpeg's decoding threads (``cameras.<name>.decode_threads``; ``auto``: what
+    "auto" means for this kind of source, "auto" again for FFmpeg's own choice). No parameter on an OpenCV without the
+    property (before 4.7): it would refuse an open with a parameter it does not know."""
+    threads = auto if setting == "auto" else setting
+    prop = getattr(cv2, "CAP_PROP_N_THREADS", None)
+    return [] if threads == "auto" or prop is None else [prop, int(threads)]
+
+
 class FileSource(Source):
     """A video file: replayed at its own frame rate (`realtime: true`) or as fast as possible (no drops)."""
 
@@ -33,8 +42,7 @@ class FileSource(Source):
         path = Path(self.location)
         if not path.is_file():
             raise OpenError(f"video file not found: {path}")
-        threads = self.cfg.decode_threads
-        cap = _open_capture(str(path), cv2.CAP_FFMPEG, [] if threads == "auto" else [cv2.CAP_PROP_N_THREADS, threads])
+        cap = _open_capture(str(path), cv2.CAP_FFMPEG, decode_threads_param(self.cfg.decode_threads, "auto"))
         if cap is None:
             raise OpenError(f"cannot open video file {path}: not a video or unsupported format")
         count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
@@ -76,12 +84,11 @@ class RtspSource(Source):
 
     def _open(self) -> cv2.VideoCapture:
         ffmpeg_capture_options(transport_tcp=True)
-        threads = self.cfg.decode_threads
         params = [
             cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.cfg.open_timeout_s * 1000),
             cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.read_timeout_s() * 1000),
             # one thread unless told: FFmpeg's frame threads each hold a frame back (config decode_threads)
-            cv2.CAP_PROP_N_THREADS, 1 if threads == "auto" else threads,
+            *decode_threads_param(self.cfg.decode_threads, 1),
         ]
         cap = _open_capture(self.location, cv2.CAP_FFMPEG, params)
         if cap is None:
