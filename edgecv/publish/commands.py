@@ -51,8 +51,8 @@ def printable(text: str, limit: int = 200) -> str:
 
 
 class LogBudget:
-    """At most ``burst`` lines per ``window_s`` seconds; the lines left out are counted and said once the window is
-    over, with the next line that may be logged (or, when none comes, at the next one that does)."""
+    """At most ``burst`` lines per ``window_s`` seconds. The lines left out are counted, and the count is logged in one
+    line when the next window opens: just before the first command line logged after the window."""
 
     def __init__(self, burst: int = LOG_BURST, window_s: float = LOG_WINDOW_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
