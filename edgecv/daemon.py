@@ -254,6 +254,7 @@ class Daemon:
             # and snapshot messages skipped because they were over it (oversize events: spool.dead_letter)
             stats["mqtt_max_packet_size"] = self.publisher.max_packet
             stats["mqtt_skipped"] = self.publisher.skipped
+            stats["mqtt_skipped_backlog"] = self.publisher.skipped_backlog
             for name, cam in stats["cameras"].items():  # the latency budget's events part: spool, broker
                 cam.setdefault("latency_budget_ms", {}).update(self.publisher.latency_budget(name))
             self.publisher.publish_raw(self.publisher.topics.stats, json.dumps(stats, separators=(",", ":")))

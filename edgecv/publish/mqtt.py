@@ -35,11 +35,13 @@ a stats, tracks or snapshot message over it is skipped (one log line per kind, c
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import logging
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 from pathlib import Path
@@ -61,6 +63,15 @@ MAX_INFLIGHT = 100
 # only to commands (payloads of at most 1 KiB), so a hostile 200 MB "command" never reaches paho's memory: it had
 # raised the daemon's peak RSS from 201 to 794 MB (README, Commands)
 MAX_INCOMING_PACKET = 65536
+# best-effort messages (QoS 0 stats, tracks, snapshots) are skipped while this many packets wait in paho's outgoing
+# queue, unwritten: on a link slower than they come (a cellular uplink) they would otherwise pile up without bound
+# and hold back the events queued behind them on the same connection
+RAW_BACKLOG = 16
+# ... and while more bytes than this wait unsent in the socket's kernel send queue (SIOCOUTQNSD, Linux): the kernel
+# takes megabytes before paho's queue grows at all, and an event written after them waits until they are through
+# (16 KiB: 0.13 s on a 1 Mbit/s uplink)
+RAW_UNSENT_BYTES = 16384
+SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP socket's send queue not sent yet
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 PROMPT_DROP_S = 1.0  # a drop this soon after an event was sent: upon that event
@@ -96,6 +107,14 @@ def stamp_publish_time(payload: bytes, now: Optional[float] = None) -> bytes:
     data["published_at"] = round(now, 3)
     data["latency_ms"] = round(max(0.0, (now - data["captured_at"]) * 1000.0), 1)
     return json.dumps(data, separators=(",", ":")).encode()
+
+
+def unsent_bytes(sock: Any) -> int:
+    """Bytes written to a TCP socket that the kernel has not sent yet (0 when unknown: no socket, not Linux)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0"))[0]
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def packet_size(topic: str, payload_bytes: int, qos: int, v5: bool, properties: Optional[Properties] = None) -> int:
@@ -225,6 +244,8 @@ class MqttPublisher:
         self._accepted_at = 0.0
         self._renew = threading.Event()  # the sender thread makes a new paho client (drops paho's resend queue)
         self.skipped = 0  # stats, tracks and snapshot messages not sent: over the limit
+        self.skipped_backlog = 0  # best-effort messages not sent: RAW_BACKLOG packets were waiting to be written
+        self._backlogged = False  # skipping for the backlog now (logged when it starts and when it ends)
         self._skipped_kinds: set[str] = set()
         # consumers (publish.state, publish.commands): topic filters subscribed (QoS 1) on every connection, the
         # handler of their messages and hooks run after each accepted connection, all on paho's thread (quick)
@@ -582,10 +603,32 @@ class MqttPublisher:
                             " skipped, and so are the next ones over it (counted in stats as mqtt_skipped)",
                             kind, size, limit, self._limit_source)
             return
+        if not qos and self._skip_for_backlog():
+            return
         if not qos:
             with self._sends_lock:
                 self._raw_sends.append((time.monotonic(), size))
         self.client.publish(topic, data, qos=qos, retain=retain)
+
+    def _skip_for_backlog(self) -> bool:
+        """Whether a best-effort message is skipped because ``RAW_BACKLOG`` packets wait to be written, or more than
+        ``RAW_UNSENT_BYTES`` wait unsent in the socket (counted; a log line when skipping starts and one when it
+        ends). The queue is paho's own deque (paho 2.x, pinned below 3), read without its lock: ``len`` of a deque
+        is atomic; a paho without it is not counted."""
+        waiting, unsent = len(getattr(self.client, "_out_packet", ())), unsent_bytes(self.client.socket())
+        if waiting >= RAW_BACKLOG or unsent > RAW_UNSENT_BYTES:
+            self.skipped_backlog += 1
+            if not self._backlogged:
+                self._backlogged = True
+                log.warning("mqtt: %d messages and %d bytes wait to be sent to %s (a slow link?): stats, tracks and "
+                            "snapshots are skipped until they are out; events still go, in order (counted in stats "
+                            "as mqtt_skipped_backlog)", waiting, unsent, self.hostport)
+            return True
+        if self._backlogged:
+            self._backlogged = False
+            log.info("mqtt: the backlog to %s is written: stats, tracks and snapshots go again (%d skipped so far)",
+                     self.hostport, self.skipped_backlog)
+        return False
 
     def publish_retained(self, topic: str, payload: bytes | str) -> bool:
         """Retained state (QoS 1): handed to paho when connected (True), else dropped (False; publish it again after
