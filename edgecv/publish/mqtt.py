@@ -244,7 +244,7 @@ class MqttPublisher:
         self._accepted_at = 0.0
         self._renew = threading.Event()  # the sender thread makes a new paho client (drops paho's resend queue)
         self.skipped = 0  # stats, tracks and snapshot messages not sent: over the limit
-        self.skipped_backlog = 0  # best-effort messages not sent: RAW_BACKLOG packets were waiting to be written
+        self.skipped_backlog = 0  # best-effort messages not sent: the link was behind (RAW_BACKLOG, RAW_UNSENT_BYTES)
         self._backlogged = False  # skipping for the backlog now (logged when it starts and when it ends)
         self._skipped_kinds: set[str] = set()
         # consumers (publish.state, publish.commands): topic filters subscribed (QoS 1) on every connection, the
