@@ -394,7 +394,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.what in ("model", "track", "all"):
         detector = build_detector(model, threads=args.threads)
         with Progress("bench model", unit="runs") as progress:
-            r = bench_model(detector, n=max(20, min(args.frames, 200)), image=_frame(video), progress=progress)
+            image = _frame(video)
+            r = bench_model(detector, n=max(20, min(args.frames, 200)), image=image, progress=progress)
         model_fps = 1000.0 / r["infer_ms"]
         rows += [
             ("model", f"{Path(r['model']).name} ({r['family']}, {r['backend']}, {r['device']}, "
@@ -405,7 +406,7 @@ def run_bench(args: argparse.Namespace) -> int:
         lanes = parallel_limit(detector.backend)  # model.parallel auto: what `edgecv track` runs with
         if lanes > 1:
             with Progress(f"bench model, {lanes} at once", unit="runs") as progress:
-                at_once = bench_parallel(detector, lanes, n=max(40, min(args.frames, 200)), image=_frame(video),
+                at_once = bench_parallel(detector, lanes, n=max(40, min(args.frames, 200)), image=image,
                                          progress=progress)
             rows.append((f"inference, {lanes} at once (model only)", f"{at_once:.1f} fps (model.parallel {lanes})"))
             model_fps = max(model_fps, at_once)

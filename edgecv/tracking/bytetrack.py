@@ -400,8 +400,8 @@ class ByteTracker:
         np.fill_diagonal(iou, 0.0)
         self._feat_clean = self._feat_ok & (iou.max(axis=1) <= appearance.OVERLAP)
 
-    def _appearance_cost(self, n_dets: int) -> Optional[np.ndarray]:
-        """(tracks, ``n_dets``) appearance distances of every track and this call's detections; 0 where either has
+    def _appearance_cost(self) -> Optional[np.ndarray]:
+        """(tracks, detections) appearance distances of every track and this call's detections; 0 where either has
         no descriptor. None when this call has no descriptors."""
         if self._feats is None:
             return None
@@ -496,7 +496,7 @@ class ByteTracker:
             plain[other] = np.inf
             cost[other] = np.inf  # (the same array as plain without fuse_score)
         limit = cfg.match_thresh
-        d = self._appearance_cost(len(xyxy))
+        d = self._appearance_cost()
         if d is not None:  # the IoU gate decides which pairs may match, appearance which of them do
             cost = np.where(cost < limit, cost + cfg.appearance_weight * d, np.inf)
             limit += cfg.appearance_weight
@@ -524,7 +524,7 @@ class ByteTracker:
         boxes = detections.xyxy[det_idx]
         mean, cov = self._kalman.update(self._mean[track_idx], self._cov[track_idx], xyxy_to_xyah(boxes))
         self._mean[track_idx], self._cov[track_idx] = mean, cov
-        self._learn(track_idx, det_idx, detections)
+        self._learn(track_idx, det_idx)
         for i, box, d, centre in zip(track_idx.tolist(), boxes, det_idx.tolist(), mean[:, :2]):
             track = self._tracks[i]
             track.xyxy = box
@@ -532,15 +532,15 @@ class ByteTracker:
             track.observe(self._frame, d, float(detections.score[d]), int(detections.class_id[d]))
             self._matched(track)
 
-    def _learn(self, track_idx: np.ndarray, det_idx: np.ndarray, detections: Detections) -> None:
-        """Fold the appearance of detections ``det_idx`` into that of tracks ``track_idx`` (pairs, each track once):
-        a clear, confident view is averaged in (weight ``appearance.ALPHA`` for what the track had); any view is
-        taken when the track has none yet."""
+    def _learn(self, track_idx: np.ndarray, det_idx: np.ndarray) -> None:
+        """Fold the appearance of this call's detections ``det_idx`` into that of tracks ``track_idx`` (pairs, each
+        track once): a clear view is averaged in (weight ``appearance.ALPHA`` for what the track had); any view is
+        taken when the track has none yet. (Only confident detections, ``track_thresh`` or more, were described.)"""
         if self._feats is None:
             return
         seen = self._feat_ok[det_idx]
         first = seen & ~self._has_feature[track_idx]
-        clear = seen & ~first & self._feat_clean[det_idx] & (detections.score[det_idx] >= self.config.track_thresh)
+        clear = seen & ~first & self._feat_clean[det_idx]
         self._feature[track_idx[first]] = self._feats[det_idx[first]]
         self._has_feature[track_idx[first]] = True
         rows, views = track_idx[clear], self._feats[det_idx[clear]]
